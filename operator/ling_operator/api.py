@@ -983,6 +983,9 @@ class AutoscalerStatus(ApiModel):
     unreadable_groups: list[int] = Field(
         default_factory=list, description="Ready groups whose metrics could not be read (no scale-down)."
     )
+    scale_up_target: int | None = Field(
+        default=None, description="Size the scale-up in progress aims at (never raised while groups start)."
+    )
 
 
 class LingDeploymentStatus(ApiModel):

@@ -1,0 +1,1 @@
+"""Autoscaling simulation: our queue-depth policy vs an HPA/KEDA-style baseline."""

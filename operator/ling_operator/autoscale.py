@@ -1,0 +1,350 @@
+"""Queue-depth autoscaling policy: a pure function from observations to a desired number of groups.
+
+The core is the formula of DESIGN §6, desired = ceil(total waiting / targetQueueDepthPerReplica) bounded
+by minReplicas..maxReplicas, wrapped in the safeguards that the pain points of other serving stacks ask
+for (reference/serving-anchors.md §3.7-8):
+
+- stabilization as HPA's `behavior` does it: every observation records a recommendation; a scale-up goes
+  to the *lowest* recommendation of the up-window, a scale-down to the *highest* of the down-window;
+- a maximum step per decision in each direction;
+- groups that are not ready yet count as capacity on the way: while any group of the current size is
+  still starting, no further scale-up is decided (the cascade of AIBrix #2670 cannot happen);
+- running requests bound scale-down: once a group has been seen saturated (requests waiting on it), its
+  running count is the group's capacity, and the recommendation never drops below the groups needed to
+  hold the running requests -- otherwise a drained queue would look like "no demand" and flap;
+- a group whose metrics cannot be read blocks scale-down (its demand is unknown) but not scale-up;
+- scale to zero only through a source that still sees demand with no group running (Prometheus).
+
+Nothing here does I/O; the controller (autoscale_controller.py) and the simulation (bench/autoscale/)
+feed it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from ling_operator.api import AutoscalingSpec, Reason
+
+__all__ = [
+    "Decision",
+    "GroupObservation",
+    "PolicyInput",
+    "PolicyState",
+    "Recommendation",
+    "decide",
+    "record_recommendation",
+    "window_values",
+]
+
+# Recommendation runs kept at most (the windows also prune them); bounds the status object's size.
+MAX_RECOMMENDATIONS = 64
+
+
+@dataclass(frozen=True)
+class GroupObservation:
+    """What the source saw for one existing group."""
+
+    index: int
+    ready: bool
+    waiting: float | None = None  # None: not scraped (not ready) or unreadable
+    running: float | None = None
+    error: str | None = None  # why a ready group's metrics could not be read
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """From `time` (epoch seconds) on, the policy recommended `replicas` (run-length encoded history)."""
+
+    time: float
+    replicas: int
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between decisions (persisted in status.autoscaler)."""
+
+    recommendations: tuple[Recommendation, ...] = ()
+    group_capacity: int | None = None  # running requests one saturated group held (learned)
+    # The size a scale-up set out to reach; while its groups start, steps continue up to it but never past.
+    scale_up_target: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    now: float
+    current_replicas: int
+    groups: Sequence[GroupObservation]
+    # Totals for the whole deployment. The engine source sums readable groups; the prometheus source
+    # gives the total directly (and usually no running count).
+    total_waiting: float | None
+    total_running: float | None
+    source_error: str | None = None
+    # True when the source can see demand while no group exists (prometheus): required for scale-to-zero.
+    sees_demand_at_zero: bool = False
+    # Configured per-group concurrency (spec.runtime.maxRunningRequests) overrides the learned capacity.
+    configured_group_capacity: int | None = None
+    state: PolicyState = field(default_factory=PolicyState)
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    direction: str  # up | down | none
+    reason: str  # low-cardinality code (metric label)
+    message: str  # for a person: events, status history, conditions
+    recommendation: int | None
+    limited: str  # Reason.AT_MIN_REPLICAS | AT_MAX_REPLICAS | RATE_LIMITED | WITHIN_BOUNDS
+    limited_message: str
+    unreadable_groups: tuple[int, ...]
+    state: PolicyState
+    held_for_startup: bool = False
+
+
+def record_recommendation(
+    history: tuple[Recommendation, ...], now: float, replicas: int, keep_seconds: float
+) -> tuple[Recommendation, ...]:
+    """Append a recommendation (merging equal runs) and drop runs that ended before the longest window."""
+    runs = list(history)
+    if not runs or runs[-1].replicas != replicas:
+        runs.append(Recommendation(now, replicas))
+    horizon = now - keep_seconds
+    # A run that started before the horizon still matters while it is the one in force at the horizon.
+    while len(runs) > 1 and runs[1].time <= horizon:
+        runs.pop(0)
+    return tuple(runs[-MAX_RECOMMENDATIONS:])
+
+
+def window_values(history: Sequence[Recommendation], now: float, window: float) -> list[int]:
+    """Recommendations in force at any time during (now - window, now]."""
+    start = now - window
+    values = [r.replicas for r in history if r.time > start]
+    before = [r for r in history if r.time <= start]
+    if before:
+        values.append(before[-1].replicas)
+    return values
+
+
+def _effective_min(spec: AutoscalingSpec, inp: PolicyInput) -> int:
+    return 0 if spec.scale_to_zero.enabled and inp.sees_demand_at_zero else spec.min_replicas
+
+
+def _learn_capacity(inp: PolicyInput) -> int | None:
+    if inp.configured_group_capacity:
+        return inp.configured_group_capacity
+    saturated = [
+        int(g.running)
+        for g in inp.groups
+        if g.ready and g.waiting is not None and g.waiting > 0 and g.running is not None and g.running >= 1
+    ]
+    # The largest seen wins: a group saturated early (by KV memory, a long prompt) must not make the
+    # floor below larger than the groups really need.
+    return max([*saturated, inp.state.group_capacity or 0]) or None
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
+    """The desired number of groups for this observation, with the reason a person would want."""
+    current = inp.current_replicas
+    if current < 0:
+        raise ValueError(f"current_replicas must be >= 0, got {current}")
+    unreadable = tuple(g.index for g in inp.groups if g.ready and g.error is not None)
+
+    if inp.source_error is not None or inp.total_waiting is None:
+        error = inp.source_error or "no queue depth"
+        return Decision(
+            desired=current,
+            direction="none",
+            reason="source_error",
+            message=f"keeping {current} groups: queue depth unknown ({error})",
+            recommendation=None,
+            limited=Reason.WITHIN_BOUNDS,
+            limited_message="no recommendation without a queue depth",
+            unreadable_groups=unreadable,
+            state=inp.state,
+        )
+
+    target = spec.target_queue_depth_per_replica
+    waiting = max(0.0, inp.total_waiting)
+    running = max(0.0, inp.total_running) if inp.total_running is not None else None
+    effective_min = _effective_min(spec, inp)
+    capacity = _learn_capacity(inp)
+
+    # The raw recommendation, before bounds: groups for the queue, and at least the groups the running
+    # requests occupy (so a queue drained by enough capacity does not read as "no demand"). The running
+    # floor only bounds scale-down (capped at the current size): running requests alone never add groups.
+    queue_groups = math.ceil(waiting / target)
+    running_groups = min(math.ceil(running / capacity), current) if capacity and running else 0
+    raw = max(queue_groups, running_groups)
+    idle = waiting < spec.scale_to_zero.activation_queue_depth and not running
+    if effective_min == 0 and idle:
+        raw = 0
+    elif raw < spec.min_replicas:
+        raw = spec.min_replicas
+    recommendation = min(raw, spec.max_replicas)
+    if unreadable:
+        # Demand on unreadable groups is unknown: never recommend less than what exists.
+        recommendation = max(recommendation, min(current, spec.max_replicas))
+
+    keep = max(spec.scale_up_stabilization_seconds, spec.scale_down_stabilization_seconds)
+    # With no history (first observation, or status lost) the current size counts as recommended just
+    # now, so a fresh autoscaler waits a full down-window before removing anything.
+    seed = inp.state.recommendations or (Recommendation(inp.now, current),)
+    history = record_recommendation(seed, inp.now, recommendation, keep)
+    state = PolicyState(history, group_capacity=capacity, scale_up_target=inp.state.scale_up_target)
+    up_to = min(window_values(history, inp.now, spec.scale_up_stabilization_seconds))
+    down_to = max(window_values(history, inp.now, spec.scale_down_stabilization_seconds))
+
+    # Limits a person should know about (ScalingLimited).
+    wanted = max(queue_groups, running_groups)
+    if wanted > spec.max_replicas:
+        limited, limited_message = (
+            Reason.AT_MAX_REPLICAS,
+            f"{_fmt(waiting)} waiting would need {wanted} groups; maxReplicas is {spec.max_replicas}",
+        )
+    elif recommendation == spec.min_replicas and wanted < spec.min_replicas and effective_min > 0:
+        limited, limited_message = (
+            Reason.AT_MIN_REPLICAS,
+            f"{_fmt(waiting)} waiting needs {wanted} groups; minReplicas is {spec.min_replicas}",
+        )
+    else:
+        limited, limited_message = Reason.WITHIN_BOUNDS, "recommendation within minReplicas..maxReplicas"
+
+    load = f"{_fmt(waiting)} waiting"
+    if running is not None:
+        load += f", {_fmt(running)} running"
+
+    # Bounds first: a size outside min..max is corrected at once, as HPA does.
+    if current > spec.max_replicas:
+        return _decision(
+            current,
+            spec.max_replicas,
+            "bounds",
+            f"{load}; spec.replicas {current} above maxReplicas {spec.max_replicas}",
+            recommendation,
+            limited,
+            limited_message,
+            unreadable,
+            state,
+        )
+    if 0 < current < spec.min_replicas or (current == 0 and effective_min > 0):
+        return _decision(
+            current,
+            spec.min_replicas,
+            "bounds",
+            f"{load}; spec.replicas {current} below minReplicas {spec.min_replicas}",
+            recommendation,
+            limited,
+            limited_message,
+            unreadable,
+            state,
+        )
+
+    not_ready = current - sum(1 for g in inp.groups if g.ready and g.index < current)
+    starting = current > 0 and not_ready > 0
+    if not starting:
+        state = replace(state, scale_up_target=None)
+    if current < up_to:
+        # Groups still starting are capacity on the way: the queue that grows while they load is the
+        # start-up's doing, not new demand, so a start-up only finishes the climb it began (rate-limited
+        # steps up to the target set when it began) and never raises that target.
+        goal = up_to
+        if starting:
+            climb = inp.state.scale_up_target
+            if climb is None or current >= climb:
+                return replace(
+                    _decision(
+                        current,
+                        current,
+                        "starting",
+                        f"holding at {current} groups: {not_ready} still starting count as capacity on "
+                        f"the way ({load}, recommendation {recommendation})",
+                        recommendation,
+                        limited,
+                        limited_message,
+                        unreadable,
+                        state,
+                    ),
+                    held_for_startup=True,
+                )
+            goal = min(up_to, climb)
+        else:
+            state = replace(state, scale_up_target=up_to)
+        up_to = goal
+        desired = min(up_to, current + spec.max_scale_up_step)
+        if desired < up_to:
+            limited, limited_message = (
+                Reason.RATE_LIMITED,
+                f"recommendation {up_to} limited to +{spec.max_scale_up_step} (maxScaleUpStep)",
+            )
+        if current == 0:
+            reason, message = (
+                "activation",
+                f"{load} >= activation {spec.scale_to_zero.activation_queue_depth}",
+            )
+        else:
+            reason, message = "queue_depth", f"{_fmt(waiting)} waiting > {current} × {target} per group"
+        return _decision(
+            current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
+        )
+
+    if current > down_to:
+        desired = max(down_to, current - spec.max_scale_down_step)
+        if desired > down_to:
+            limited, limited_message = (
+                Reason.RATE_LIMITED,
+                f"recommendation {down_to} limited to -{spec.max_scale_down_step} (maxScaleDownStep)",
+            )
+        window = spec.scale_down_stabilization_seconds
+        if desired == 0:
+            reason, message = "idle", f"no requests for {window}s, scaling to zero"
+        else:
+            reason, message = (
+                "queue_depth",
+                f"{load} fit in {down_to} groups (highest recommendation of the last {window}s)",
+            )
+        return _decision(
+            current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
+        )
+
+    note = f"; groups {list(unreadable)} unreadable, not scaling down" if unreadable else ""
+    return _decision(
+        current,
+        current,
+        "stable",
+        f"{load}: {current} groups are right{note}",
+        recommendation,
+        limited,
+        limited_message,
+        unreadable,
+        state,
+    )
+
+
+def _decision(
+    current: int,
+    desired: int,
+    reason: str,
+    message: str,
+    recommendation: int,
+    limited: str,
+    limited_message: str,
+    unreadable: tuple[int, ...],
+    state: PolicyState,
+) -> Decision:
+    direction = "up" if desired > current else "down" if desired < current else "none"
+    return Decision(
+        desired=desired,
+        direction=direction,
+        reason=reason,
+        message=message,
+        recommendation=recommendation,
+        limited=limited,
+        limited_message=limited_message,
+        unreadable_groups=unreadable,
+        state=state,
+    )

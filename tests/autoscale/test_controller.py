@@ -1,0 +1,203 @@
+"""The controller glue: LingDeployment body + observed groups + a real source + clock -> result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from ling_operator.api import AutoscalerStatus, ConditionType, Reason
+from ling_operator.autoscale_controller import (
+    AutoscaleResult,
+    ObservedGroup,
+    SourceConfigError,
+    autoscale_tick,
+    is_due,
+    make_source,
+)
+from ling_operator.autoscale_sources import EngineSource, PrometheusSource
+
+from tests.autoscale.exporter import EngineMetrics, serve_metrics
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def body(replicas: int = 2, status: dict[str, Any] | None = None, **autoscaling: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "ling", "namespace": "ns", "generation": 3},
+        "spec": {
+            "replicas": replicas,
+            "engine": {"type": "native"},
+            "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6, **autoscaling},
+        },
+        "status": status or {},
+    }
+
+
+def apply(doc: dict[str, Any], result: AutoscaleResult) -> dict[str, Any]:
+    """What handlers.py does with a result: scale, merge status, upsert conditions."""
+    if result.replicas is not None:
+        doc["spec"]["replicas"] = result.replicas
+    status = doc.setdefault("status", {})
+    if result.status is not None:
+        status.update(result.status)
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    conditions.update({c["type"]: c for c in result.conditions})
+    status["conditions"] = list(conditions.values())
+    return doc
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[EngineSource, list[EngineMetrics], list[ObservedGroup]]]:
+    metrics = [EngineMetrics("native") for _ in range(3)]
+    with ExitStack() as stack:
+        port = stack.enter_context(serve_metrics(metrics[0], "127.0.0.1")).server_address[1]
+        for i in (1, 2):
+            stack.enter_context(serve_metrics(metrics[i], f"127.0.0.{i + 1}", port))
+        groups = [ObservedGroup(i, f"127.0.0.{i + 1}", ready=True) for i in range(3)]
+        yield EngineSource(port=port, timeout_seconds=2), metrics, groups
+
+
+def test_disabled_never_touches_replicas(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    metrics[0].set(500)
+    doc = body(enabled=False)
+    result = autoscale_tick(doc, groups[:2], source, T0)
+    assert result is not None and result.replicas is None and result.status is None
+    [condition] = result.conditions
+    assert (condition["type"], condition["status"], condition["reason"]) == (
+        ConditionType.SCALING_ACTIVE,
+        "False",
+        Reason.AUTOSCALING_DISABLED,
+    )
+
+
+def test_scale_up_event_status_and_conditions(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    metrics[0].set(20, 16)
+    metrics[1].set(17, 16)
+    doc = body(replicas=2)
+    result = autoscale_tick(doc, groups[:2], source, T0)
+    assert result is not None and result.replicas == 4
+    assert [(e.type, e.reason, e.message) for e in result.events] == [
+        ("Normal", Reason.SCALING_UP, "scaled 2 → 4: 37 waiting > 2 × 8 per group")
+    ]
+    autoscaler = result.status["autoscaler"]
+    # The status is exactly what the API accepts (no unknown field, right types).
+    AutoscalerStatus.model_validate(autoscaler)
+    assert result.status["queueDepth"] == 37
+    assert autoscaler["observedRunning"] == 32 and autoscaler["recommendation"] == 5
+    assert autoscaler["history"] == [
+        {"time": "2026-01-01T12:00:00Z", "from": 2, "to": 4, "reason": "37 waiting > 2 × 8 per group"}
+    ]
+    assert autoscaler["groupCapacity"] == 16
+    conditions = {c["type"]: c for c in result.conditions}
+    assert conditions[ConditionType.SCALING_ACTIVE]["status"] == "True"
+    assert conditions[ConditionType.SCALING_LIMITED]["reason"] == Reason.RATE_LIMITED
+    assert conditions[ConditionType.SCALING_ACTIVE]["observedGeneration"] == 3
+    assert result.metrics is not None
+    assert (result.metrics.direction, result.metrics.reason, result.metrics.desired_replicas) == (
+        "up",
+        "queue_depth",
+        4,
+    )
+
+
+def test_interval_and_state_round_trip_through_status(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    doc = body(replicas=3, intervalSeconds=15, scaleDownStabilizationSeconds=60)
+    metrics[0].set(30, 16)
+    doc = apply(doc, autoscale_tick(doc, groups, source, T0))
+    assert doc["spec"]["replicas"] == 4
+    stored = doc["status"]["autoscaler"]
+    assert stored["recommendations"][-1] == {"time": "2026-01-01T12:00:00Z", "replicas": 4}
+    assert stored["lastObservationTime"] == "2026-01-01T12:00:00Z"
+    assert autoscale_tick(doc, groups, source, T0 + timedelta(seconds=5)) is None  # not due
+    assert not is_due(doc, T0 + timedelta(seconds=5)) and is_due(doc, T0 + timedelta(seconds=15))
+    # The learned capacity (16 per saturated group) came back from status: 40 running need 3 groups even
+    # with an empty queue.
+    metrics[0].set(0, 40)
+    groups4 = [*groups, ObservedGroup(3, None, ready=False)]
+    later = autoscale_tick(doc, groups4, source, T0 + timedelta(seconds=15))
+    assert later is not None and later.status["autoscaler"]["recommendation"] == 3
+
+
+def test_scale_down_respects_the_window_across_ticks(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    doc = body(replicas=3, scaleDownStabilizationSeconds=60)
+    for m in metrics:
+        m.set(0, 0)
+    sizes = []
+    for step in range(7):
+        result = autoscale_tick(
+            doc, groups[: doc["spec"]["replicas"]], source, T0 + timedelta(seconds=15 * step)
+        )
+        assert result is not None
+        doc = apply(doc, result)
+        sizes.append(doc["spec"]["replicas"])
+    # Fresh autoscaler: the current size counts as recommended at T0, so nothing goes before 60 s, then
+    # one group per decision.
+    assert sizes == [3, 3, 3, 3, 2, 1, 1]
+    history = doc["status"]["autoscaler"]["history"]
+    assert [(h["from"], h["to"]) for h in history] == [(3, 2), (2, 1)]
+    assert doc["status"]["conditions"][1]["reason"] == Reason.AT_MIN_REPLICAS
+
+
+def test_source_error_keeps_size_warns_once(cluster: Any) -> None:
+    _, _, groups = cluster
+    dead = EngineSource(port=9, timeout_seconds=0.5)
+    doc = body(replicas=2)
+    first = autoscale_tick(doc, groups[:2], dead, T0)
+    assert first is not None and first.replicas is None
+    active = first.conditions[0]
+    assert (active["status"], active["reason"]) == ("False", Reason.SOURCE_ERROR)
+    assert "queue depth unknown" in active["message"]
+    assert first.status["autoscaler"]["sourceError"] is not None
+    assert [e.type for e in first.events] == ["Warning"]
+    assert first.metrics is not None and first.metrics.source_error
+    doc = apply(doc, first)
+    second = autoscale_tick(doc, groups[:2], dead, T0 + timedelta(seconds=15))
+    assert second is not None and second.events == []  # same error: no new event
+    assert second.conditions[0]["lastTransitionTime"] == active["lastTransitionTime"]
+
+
+def test_history_keeps_the_last_ten(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    old = [{"time": "2026-01-01T11:00:00Z", "from": 1, "to": 2, "reason": "old"}] * 10
+    doc = body(replicas=1, status={"autoscaler": {"history": old}})
+    metrics[0].set(40)
+    result = autoscale_tick(doc, groups[:1], source, T0)
+    assert result is not None and len(result.status["autoscaler"]["history"]) == 10
+    assert result.status["autoscaler"]["history"][-1]["to"] == 3
+
+
+def test_make_source_engine_and_prometheus_with_secret() -> None:
+    engine = make_source(body(source={"type": "engine", "engine": {"timeoutSeconds": 3}}))
+    assert isinstance(engine, EngineSource) and engine.timeout_seconds == 3 and engine.engine == "native"
+    reads: list[tuple[str, str]] = []
+
+    def read_secret(name: str, key: str) -> str:
+        reads.append((name, key))
+        return "tok"
+
+    prom_spec = {
+        "type": "prometheus",
+        "prometheus": {
+            "url": "http://prom:9090",
+            "query": "sum(ling_runtime_num_queue_reqs)",
+            "authSecretRef": {"name": "prom-auth", "key": "token"},
+        },
+    }
+    prom = make_source(body(source=prom_spec), read_secret)
+    assert isinstance(prom, PrometheusSource) and prom.authorization == "Bearer tok"
+    assert reads == [("prom-auth", "token")]
+    with pytest.raises(SourceConfigError, match="authSecretRef"):
+        make_source(body(source=prom_spec))
+
+
+def test_naive_clock_is_rejected(cluster: Any) -> None:
+    source, _, groups = cluster
+    with pytest.raises(ValueError, match="timezone-aware"):
+        autoscale_tick(body(), groups, source, datetime(2026, 1, 1))
