@@ -24,8 +24,9 @@ cluster-down: ## stop the local control plane and remove everything it made
 cluster-status: ## say what of the local control plane runs
 	@bash hack/cluster.sh status
 
-crds: setup ## render crds/ from the pydantic API models
+crds: setup ## render crds/ from the pydantic API models (and the Helm chart's CRD templates from them)
 	@$(PY) -m ling_operator.crd
+	@$(PY) charts/ling-operator/hack/sync_crds.py
 
 lint: setup ## ruff check + format check
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
