@@ -1,0 +1,429 @@
+"""Table-driven tests of the pure decisions: groups, failures, backoff, rendezvous, rollout, scale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from ling_operator import reconcile, resources
+from ling_operator.reconcile import Plan
+from podstate import (
+    OWNER,
+    base_spec,
+    evicted,
+    exited,
+    group_pods,
+    pending,
+    ready,
+    running,
+    scheduled,
+    terminating,
+)
+
+T0 = datetime(2026, 11, 29, 1, 0, 0, tzinfo=UTC)
+SERVICES = ["ling", "ling-ranks"]
+
+
+def run(spec: dict[str, Any], status: dict[str, Any], pods: list[dict[str, Any]], now: datetime = T0) -> Plan:
+    return reconcile.reconcile(OWNER, 1, spec, status, pods, SERVICES, now)
+
+
+def cond(plan: Plan, type_: str) -> dict[str, Any]:
+    return next(c for c in plan.status["conditions"] if c["type"] == type_)
+
+
+def group(plan: Plan, index: int) -> dict[str, Any]:
+    return next(g for g in plan.status["groups"] if g["index"] == index)
+
+
+class World:
+    """A tiny API server + kubelet made of data: applies plans, then lets pods settle like kwok does."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, Any] = {}
+        self.now = T0
+        self.settle: Callable[[dict[str, Any]], dict[str, Any]] = ready
+
+    def step(self, seconds: float = 1) -> Plan:
+        plan = run(self.spec, self.status, list(self.pods.values()), self.now)
+        for name in plan.delete_pods:
+            self.pods[name] = terminating(self.pods[name])
+        for pod in plan.create_pods:
+            assert pod["metadata"]["name"] not in self.pods, "a pod name was reused while the old pod exists"
+            self.pods[pod["metadata"]["name"]] = pod
+        self.status = {**self.status, **plan.status}
+        self.now += timedelta(seconds=seconds)
+        return plan
+
+    def kubelet(self) -> None:
+        for name, pod in list(self.pods.items()):
+            if reconcile.is_terminating(pod):
+                del self.pods[name]
+            elif "status" not in pod:
+                self.pods[name] = self.settle(pod)
+
+    def ready_groups(self) -> set[int]:
+        by_group: dict[int, list[dict[str, Any]]] = {}
+        for pod in self.pods.values():
+            by_group.setdefault(int(pod["metadata"]["labels"]["serving.ling.dev/group"]), []).append(pod)
+        pods = reconcile.rendezvous.pods_per_group(self.spec)
+        return {g for g, ps in by_group.items() if len(ps) == pods and all(reconcile.is_ready(p) for p in ps)}
+
+    def revisions(self) -> set[str]:
+        return {p["metadata"]["labels"]["serving.ling.dev/revision"] for p in self.pods.values()}
+
+    def converge(self, max_steps: int = 60, check: Callable[[World], None] | None = None) -> int:
+        for n in range(max_steps):
+            plan = self.step()
+            if check:
+                check(self)
+            self.kubelet()
+            if check:
+                check(self)
+            if not plan.create_pods and not plan.delete_pods and not plan.events and n > 0:
+                again = run(self.spec, self.status, list(self.pods.values()), self.now)
+                if not again.create_pods and not again.delete_pods and again.status == self.status_subset():
+                    return n
+        raise AssertionError(f"no convergence in {max_steps} steps: {self.status}")
+
+    def status_subset(self) -> dict[str, Any]:
+        return {
+            k: self.status[k] for k in run(self.spec, self.status, list(self.pods.values()), self.now).status
+        }
+
+
+def steady(spec: dict[str, Any]) -> World:
+    world = World(spec)
+    world.converge()
+    return world
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_fresh_deployment_creates_every_group_and_both_services() -> None:
+    spec = base_spec(replicas=2)
+    plan = reconcile.reconcile(OWNER, 3, spec, {}, [], [], T0)
+    assert sorted(p["metadata"]["name"] for p in plan.create_pods) == [
+        "ling-0-0",
+        "ling-0-1",
+        "ling-1-0",
+        "ling-1-1",
+    ]
+    assert sorted(s["metadata"]["name"] for s in plan.create_services) == ["ling", "ling-ranks"]
+    assert plan.status["observedGeneration"] == 3
+    assert [g["phase"] for g in plan.status["groups"]] == ["Pending", "Pending"]
+    assert group(plan, 1)["masterAddress"] == "ling-1-0.ling-ranks.serving.svc"
+    assert cond(plan, "Ready")["status"] == "False"
+    assert cond(plan, "Progressing")["reason"] == "ScalingUp"
+    assert plan.status["selector"] == "serving.ling.dev/deployment=ling,serving.ling.dev/role=head"
+
+
+def test_ready_groups_then_steady_state_writes_nothing() -> None:
+    world = steady(base_spec(replicas=2))
+    assert world.status["readyReplicas"] == 2
+    assert world.status["updatedReplicas"] == 2
+    plan = run(world.spec, world.status, list(world.pods.values()), world.now + timedelta(hours=1))
+    assert not plan.create_pods and not plan.delete_pods and not plan.events and not plan.create_services
+    assert plan.requeue_after is None
+    assert {k: world.status[k] for k in plan.status} == plan.status
+    assert cond(plan, "Ready")["status"] == "True"
+    assert cond(plan, "RendezvousReady")["reason"] == "AllRanksJoined"
+    assert cond(plan, "Progressing")["reason"] == "UpToDate"
+    assert cond(plan, "Degraded")["status"] == "False"
+    g0 = group(plan, 0)
+    assert g0["phase"] == "Ready" and g0["ranks"][1] == {
+        "rank": 1,
+        "pod": "ling-0-1",
+        "node": "gpu-0",
+        "ready": True,
+    }
+
+
+def test_unschedulable_rank_is_reported_with_the_scheduler_message() -> None:
+    spec = base_spec()
+    first = run(spec, {}, [])
+    msg = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    pods = [ready(first.create_pods[0]), pending(first.create_pods[1], msg)]
+    plan = run(spec, first.status, pods, T0 + timedelta(seconds=5))
+    assert not plan.delete_pods
+    assert group(plan, 0)["phase"] == "Pending"
+    prog = cond(plan, "Progressing")
+    assert prog["reason"] == "WaitingForGPUs"
+    assert prog["message"] == f"group 0: waiting for 2 of 4 GPUs: {msg}"
+    assert msg in cond(plan, "Ready")["message"]
+    # no rendezvous deadline while waiting for GPUs: an impossible request is a condition, not a crash loop
+    later = run(spec, plan.status, pods, T0 + timedelta(hours=5))
+    assert not later.delete_pods
+
+
+@pytest.mark.parametrize(
+    ("break_rank", "expected"),
+    [
+        (lambda p: exited(p, 137), "rank 1 exited with code 137, restarting group 0 in 10 s"),
+        (
+            lambda p: exited(p, 137, "OOMKilled"),
+            "rank 1 exited with code 137 (OOMKilled), restarting group 0 in 10 s",
+        ),
+        (evicted, "rank 1 was evicted: The node was low on memory., restarting group 0 in 10 s"),
+        (terminating, "rank 1 deleted, restarting group 0 in 10 s"),
+        (None, "rank 1 missing, restarting group 0 in 10 s"),
+    ],
+)
+def test_a_failed_rank_restarts_exactly_its_group(break_rank: Any, expected: str) -> None:
+    world = steady(base_spec(replicas=2))
+    pods = dict(world.pods)
+    if break_rank is None:
+        del pods["ling-0-1"]
+    else:
+        pods["ling-0-1"] = break_rank(pods["ling-0-1"])
+    plan = run(world.spec, world.status, list(pods.values()), world.now)
+    expected_deletes = ["ling-0-0"] if break_rank in (None, terminating) else ["ling-0-0", "ling-0-1"]
+    assert plan.delete_pods == expected_deletes  # group 1 untouched
+    assert not plan.create_pods
+    g0 = group(plan, 0)
+    assert g0["phase"] == "Restarting"
+    assert g0["restarts"] == 1
+    assert g0["lastRestartReason"] == expected
+    assert group(plan, 1)["phase"] == "Ready"
+    assert plan.restarted_groups == [0]
+    assert [e.type for e in plan.events] == ["Warning"]
+    assert cond(plan, "Degraded")["status"] == "True"
+    assert cond(plan, "Degraded")["reason"] == "GroupRestarting"
+    assert expected in cond(plan, "Degraded")["message"]
+
+
+def test_group_restart_waits_for_exponential_backoff() -> None:
+    world = steady(base_spec(replicas=1))
+    t_fail = world.now
+    world.pods["ling-0-1"] = exited(world.pods["ling-0-1"], 1)
+    world.step(0)
+    world.kubelet()  # every rank gone
+    waiting = run(world.spec, world.status, list(world.pods.values()), t_fail + timedelta(seconds=4))
+    assert not waiting.create_pods
+    assert waiting.requeue_after == pytest.approx(6)
+    due = run(world.spec, world.status, list(world.pods.values()), t_fail + timedelta(seconds=10))
+    assert sorted(p["metadata"]["name"] for p in due.create_pods) == ["ling-0-0", "ling-0-1"]
+    assert group(due, 0)["phase"] == "Pending"
+    assert group(due, 0)["restarts"] == 1
+    # the second failure doubles the delay
+    world.now = t_fail + timedelta(seconds=10)
+    world.converge()
+    world.pods["ling-0-0"] = exited(world.pods["ling-0-0"], 1)
+    plan = world.step(0)
+    assert group(plan, 0)["restarts"] == 2
+    assert group(plan, 0)["lastRestartReason"].endswith("restarting group 0 in 20 s")
+
+
+@pytest.mark.parametrize(
+    ("restarts", "delay"), [(0, 0), (1, 10), (2, 20), (3, 40), (5, 160), (6, 300), (60, 300)]
+)
+def test_restart_delay(restarts: int, delay: int) -> None:
+    assert reconcile.restart_delay(restarts, 10, 300) == delay
+
+
+def test_rendezvous_deadline_restarts_the_group_naming_missing_ranks() -> None:
+    spec = base_spec(failurePolicy={"rendezvousTimeoutSeconds": 60})
+    first = run(spec, {}, [])
+    pods = [running(first.create_pods[0]), scheduled(first.create_pods[1])]
+    forming = run(spec, first.status, pods, T0 + timedelta(seconds=1))
+    assert group(forming, 0)["phase"] == "Forming"
+    assert group(forming, 0)["formingSince"] == "2026-11-29T01:00:01Z"
+    assert cond(forming, "RendezvousReady")["reason"] == "WaitingForRanks"
+    assert "rank 1 to start" in cond(forming, "RendezvousReady")["message"]
+    assert forming.requeue_after is not None and forming.requeue_after <= 62
+    early = run(spec, forming.status, pods, T0 + timedelta(seconds=50))
+    assert not early.delete_pods
+    late = run(spec, forming.status, pods, T0 + timedelta(seconds=62))
+    assert late.delete_pods == ["ling-0-0", "ling-0-1"]
+    rdv = cond(late, "RendezvousReady")
+    assert rdv["reason"] == "RendezvousTimeout"
+    assert "rank 1 not joined" in rdv["message"]
+
+
+def test_rendezvous_duration_is_measured_when_the_group_becomes_ready() -> None:
+    spec = base_spec()
+    first = run(spec, {}, [])
+    pods = [ready(p) for p in first.create_pods]
+    plan = run(spec, first.status, pods, T0 + timedelta(seconds=42))
+    assert plan.rendezvous_seconds == [42]
+    assert any(e.reason == "GroupReady" and "in 42 s" in e.message for e in plan.events)
+    assert "formingSince" not in group(plan, 0)
+
+
+def test_restart_group_false_leaves_the_group_failed_for_inspection() -> None:
+    world = steady(base_spec(failurePolicy={"restartGroup": False}))
+    world.pods["ling-0-1"] = exited(world.pods["ling-0-1"], 3)
+    plan = world.step()
+    assert not plan.delete_pods and not plan.create_pods
+    assert group(plan, 0)["phase"] == "Failed"
+    assert cond(plan, "Degraded")["reason"] == "RankFailed"
+    assert "rank 1 exited with code 3" in cond(plan, "Degraded")["message"]
+    again = world.step()
+    assert not again.delete_pods and not again.events
+
+
+@pytest.mark.parametrize(
+    ("replicas", "max_unavailable", "max_surge", "min_ready"),
+    [(3, 1, 0, 2), (3, 2, 0, 1), (3, 0, 1, 3), (2, 5, 0, 1), (1, 0, 1, 1), (4, 1, 1, 3)],
+)
+def test_rollout_replaces_groups_within_budget(
+    replicas: int, max_unavailable: int, max_surge: int, min_ready: int
+) -> None:
+    spec = base_spec(replicas=replicas, rollout={"maxUnavailable": max_unavailable, "maxSurge": max_surge})
+    world = steady(spec)
+    old_rev = world.revisions()
+    world.spec = base_spec(
+        replicas=replicas,
+        rollout={"maxUnavailable": max_unavailable, "maxSurge": max_surge},
+        speculative={"enabled": True},
+    )
+    new_rev = resources.revision_of(world.spec)
+    assert old_rev != {new_rev}
+    seen_max_groups = 0
+
+    def check(w: World) -> None:
+        nonlocal seen_max_groups
+        assert len(w.ready_groups()) >= min_ready, f"only groups {w.ready_groups()} ready"
+        groups = {int(p["metadata"]["labels"]["serving.ling.dev/group"]) for p in w.pods.values()}
+        seen_max_groups = max(seen_max_groups, len(groups))
+
+    world.converge(check=check)
+    assert world.revisions() == {new_rev}
+    indices = sorted(g["index"] for g in world.status["groups"])
+    assert len(indices) == replicas
+    if max_surge == 0:
+        assert indices == list(range(replicas))  # replaced in place, names unchanged
+    assert world.status["updatedReplicas"] == replicas
+    assert seen_max_groups <= replicas + max_surge
+
+
+def test_rollout_progress_is_in_status_and_events() -> None:
+    spec = base_spec(replicas=3)
+    world = steady(spec)
+    world.spec = base_spec(replicas=3, speculative={"enabled": True})
+    plan = world.step()
+    assert plan.delete_pods == ["ling-2-0", "ling-2-1"]  # highest index first, one at a time
+    assert cond(plan, "Progressing")["reason"] == "RollingUpdate"
+    assert plan.status["updatedReplicas"] == 0
+    assert any(e.reason == "RollingUpdate" and "replacing group 2" in e.message for e in plan.events)
+
+
+def test_outdated_not_ready_groups_are_replaced_first() -> None:
+    world = steady(base_spec(replicas=3))
+    world.pods["ling-0-1"] = running(world.pods["ling-0-1"])  # group 0 loading (not ready)
+    world.spec = base_spec(replicas=3, engine={"image": "new:2"})
+    plan = world.step()
+    # group 0 first (costs no availability); group 2 must wait: 2 ready = replicas - maxUnavailable
+    assert sorted(plan.delete_pods) == ["ling-0-0", "ling-0-1"]
+
+
+def test_scale_up_then_down_by_whole_groups() -> None:
+    world = steady(base_spec(replicas=1))
+    world.spec = base_spec(replicas=3)
+    plan = world.step()
+    assert sorted(p["metadata"]["name"] for p in plan.create_pods) == [
+        "ling-1-0",
+        "ling-1-1",
+        "ling-2-0",
+        "ling-2-1",
+    ]
+    world.kubelet()
+    world.converge()
+    assert world.status["readyReplicas"] == 3
+    world.spec = base_spec(replicas=1)
+    plan = world.step()
+    assert sorted(plan.delete_pods) == ["ling-1-0", "ling-1-1", "ling-2-0", "ling-2-1"]
+    assert [g["index"] for g in plan.status["groups"]] == [0]
+    assert plan.status["replicas"] == 1
+
+
+def test_scale_down_removes_not_ready_groups_first() -> None:
+    world = steady(base_spec(replicas=3))
+    world.pods["ling-0-0"] = running(world.pods["ling-0-0"])  # group 0 not ready
+    world.spec = base_spec(replicas=2)
+    plan = world.step()
+    assert sorted(plan.delete_pods) == ["ling-0-0", "ling-0-1"]
+    assert [g["index"] for g in plan.status["groups"]] == [1, 2]
+
+
+def test_pods_of_an_earlier_object_with_the_same_name_are_never_touched() -> None:
+    spec = base_spec()
+    stale = [dict(p) for p in group_pods(spec, 0)]
+    for pod in stale:
+        pod["metadata"] = {**pod["metadata"], "ownerReferences": [{"uid": "old-uid"}]}
+    plan = run(spec, {}, stale)
+    assert not plan.delete_pods
+    assert {p["metadata"]["name"] for p in plan.create_pods} == {"ling-1-0", "ling-1-1"}
+    # while they terminate they still hold GPUs: wait instead of over-committing
+    plan = run(spec, {}, [terminating(p) for p in stale])
+    assert not plan.delete_pods and not plan.create_pods
+
+
+def test_operator_restart_adopts_running_groups_without_duplicates() -> None:
+    world = steady(base_spec(replicas=2))
+    plan = run(world.spec, {}, list(world.pods.values()), world.now)  # status lost
+    assert not plan.create_pods and not plan.delete_pods
+    assert plan.status["readyReplicas"] == 2
+
+
+def test_conditions_keep_transition_time_and_foreign_types() -> None:
+    prev = [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "AllGroupsReady",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        },
+        {"type": "ScalingActive", "status": "True", "reason": "MetricsAvailable", "lastTransitionTime": "x"},
+    ]
+    merged = reconcile.merge_conditions(
+        prev,
+        [
+            {"type": "Ready", "status": "True", "reason": "AllGroupsReady", "message": "1 of 1"},
+            {"type": "Degraded", "status": "False", "reason": "AsExpected", "message": ""},
+        ],
+        7,
+        T0,
+    )
+    by_type = {c["type"]: c for c in merged}
+    assert by_type["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert by_type["Degraded"]["lastTransitionTime"] == "2026-11-29T01:00:00Z"
+    assert by_type["ScalingActive"]["lastTransitionTime"] == "x"
+    assert by_type["Ready"]["observedGeneration"] == 7
+    assert [c["type"] for c in merged] == ["Ready", "Degraded", "ScalingActive"]
+
+
+def test_invalid_spec_status_names_the_problem() -> None:
+    status = reconcile.invalid_spec_status({}, 4, "spec.parallelism.tensor must be divisible", T0)
+    (degraded,) = status["conditions"]
+    assert (degraded["type"], degraded["status"], degraded["reason"]) == ("Degraded", "True", "InvalidSpec")
+    assert "spec.parallelism.tensor" in degraded["message"]
+    assert status["observedGeneration"] == 4
+
+
+def test_forming_message_carries_the_kubelet_waiting_reason() -> None:
+    spec = base_spec()
+    first = run(spec, {}, [])
+    stuck = scheduled(first.create_pods[1])
+    stuck["status"]["containerStatuses"] = [
+        {"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}
+    ]
+    plan = run(spec, first.status, [running(first.create_pods[0]), stuck], T0 + timedelta(seconds=3))
+    assert group(plan, 0)["phase"] == "Forming"
+    assert "rank 1 to start (engine: ImagePullBackOff: not found)" in cond(plan, "RendezvousReady")["message"]
+
+
+def test_scale_to_zero_removes_every_group() -> None:
+    world = steady(base_spec(replicas=2))
+    world.spec = base_spec(replicas=0)
+    plan = world.step()
+    assert sorted(plan.delete_pods) == ["ling-0-0", "ling-0-1", "ling-1-0", "ling-1-1"]
+    assert plan.status["groups"] == [] and plan.status["replicas"] == 0
+    assert cond(plan, "Ready")["reason"] == "ScaledToZero"
+    world.kubelet()
+    assert not world.step().create_pods
