@@ -1,0 +1,1 @@
+"""Launchers (Ray, mp) and torch.distributed helpers for tensor-parallel shards."""

@@ -1,0 +1,1 @@
+"""The engine: continuous-batching scheduler, cache accounting, sampling, MTP speculative decoding."""

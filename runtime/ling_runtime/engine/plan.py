@@ -1,0 +1,52 @@
+"""What every tensor-parallel rank executes in one step: plain picklable data, broadcast from rank 0.
+
+Rank 0 decides (scheduling, sampling, acceptance); every rank runs the same forward passes on its
+shard from this description, so the ranks stay in lock step without a Ray call per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One sequence's part of a step.
+
+    - `tokens` enter the target model at positions `start`, `start+1`, ...; with `num_drafts > 0` the
+      runner appends that many MTP draft tokens before the target pass (a verify pass).
+    - `reset`: the slot is new to this sequence; its linear state starts from zero.
+    - `commit`: tokens of the previous verify pass that were accepted; the linear state rolls back to
+      the state after that many of them before anything else runs.
+    - `mtp_start`, `mtp_next_tokens`: positions whose next token is now known; the MTP layer consumes
+      (target hidden at i, embedding of token i+1) there before drafting (SGLang's "draft extend").
+    - `logits`: return target logits for the last `logits` positions (0: none).
+    """
+
+    slot: int
+    pages: tuple[int, ...]
+    start: int
+    tokens: tuple[int, ...]
+    reset: bool = False
+    commit: int | None = None
+    num_drafts: int = 0
+    mtp_start: int = 0
+    mtp_next_tokens: tuple[int, ...] = ()
+    logits: int = 1
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    seqs: tuple[SeqWork, ...] = ()
+    stop: bool = False  # ends the workers' step loops
+
+
+@dataclass
+class SeqResult:
+    logits: object  # torch.Tensor [n, vocab] float32 on CPU (rank 0 only); None when not asked
+    drafts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    seqs: list[SeqResult]

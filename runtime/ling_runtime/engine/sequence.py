@@ -1,0 +1,62 @@
+"""One request as the engine sees it: token ids, progress through prefill, output, finish state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ling_runtime.engine.cache_manager import Allocation
+from ling_runtime.engine.sampling import SampledToken, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    output: list[SampledToken] = field(default_factory=list)
+    allocation: Allocation | None = None
+    # Tokens whose KV / linear state is in the cache. Prefill advances it chunk by chunk.
+    num_computed: int = 0
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    # Speculative decoding: draft tokens proposed for the next verify step.
+    draft_ids: list[int] = field(default_factory=list)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return [t.token_id for t in self.output]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def budget_tokens(self) -> int:
+        """Tokens this sequence may ever hold in the cache (what admission reserves)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    def token_finishes(self, token_id: int) -> str | None:
+        """The finish reason this token triggers by id (stop strings are checked on text elsewhere)."""
+        if token_id in self.params.stop_token_ids:
+            return "stop"
+        if not self.params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if len(self.output) >= self.params.max_new_tokens:
+            return "length"
+        return None
