@@ -1,0 +1,263 @@
+"""Sharded safetensors (+ index) -> this rank's parameter slices.
+
+Every model parameter carries ``ckpt_pieces``: the checkpoint tensors (and the regions of them) that
+fill it on this rank. The loader opens each file lazily and reads only those regions through
+``safe_open(...).get_slice`` so a rank's peak memory is about its shard, never the whole model.
+Block-scaled FP8 weights (``<name>.weight`` float8_e4m3fn + ``<name>.weight_scale_inv``, the official
+FP8 release / DeepSeek-V3 layout) are dequantized on load. A missing, unexpected or mis-shaped tensor
+stops the load with the key and both shapes named.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ling_runtime.config import LingConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match the model; the message names the tensor key and the shapes."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Fill ``param[dst]`` with ``checkpoint[key][src]``; ``shape`` is the full checkpoint shape expected."""
+
+    key: str
+    shape: tuple[int, ...]
+    src: tuple[slice, ...]
+    dst: tuple[slice, ...]
+
+
+def whole(key: str, shape: Iterable[int]) -> list[Piece]:
+    """A replicated parameter: the whole tensor."""
+    shape = tuple(shape)
+    full = tuple(slice(0, n) for n in shape)
+    return [Piece(key, shape, full, full)]
+
+
+def shard(key: str, shape: Iterable[int], dim: int, rank: int, size: int, dst_offset: int = 0) -> Piece:
+    """Rank ``rank`` of ``size`` equal parts of ``key`` along ``dim``, placed at ``dst_offset`` on ``dim``."""
+    shape = tuple(shape)
+    if shape[dim] % size:
+        raise CheckpointError(f"{key}: dim {dim} of shape {list(shape)} does not split into {size} parts")
+    part = shape[dim] // size
+    src = [slice(0, n) for n in shape]
+    dst = [slice(0, n) for n in shape]
+    src[dim] = slice(rank * part, (rank + 1) * part)
+    dst[dim] = slice(dst_offset, dst_offset + part)
+    return Piece(key, shape, tuple(src), tuple(dst))
+
+
+def hf_tensor_shapes(cfg: LingConfig, include_mtp: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Hugging Face Ling-2.6 checkpoint with its shape (the canonical key layout)."""
+    h, nh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (cfg.vocab_size, h)}
+
+    def mla(p: str) -> None:
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            out[f"{p}.attention.q_proj.weight"] = (nh * qk, h)
+        else:
+            out[f"{p}.attention.q_a_proj.weight"] = (cfg.q_lora_rank, h)
+            out[f"{p}.attention.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            out[f"{p}.attention.q_b_proj.weight"] = (nh * qk, cfg.q_lora_rank)
+        out[f"{p}.attention.kv_a_proj_with_mqa.weight"] = (cfg.kv_cache_dim, h)
+        out[f"{p}.attention.kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+        out[f"{p}.attention.kv_b_proj.weight"] = (
+            nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+        )
+        out[f"{p}.attention.dense.weight"] = (h, nh * cfg.v_head_dim)
+
+    def linear_attn(p: str) -> None:
+        out[f"{p}.attention.query_key_value.weight"] = (3 * nh * d, h)
+        if cfg.use_qk_norm:
+            out[f"{p}.attention.query_layernorm.weight"] = (d,)
+            out[f"{p}.attention.key_layernorm.weight"] = (d,)
+        out[f"{p}.attention.g_proj.weight"] = (nh * d, h)
+        out[f"{p}.attention.g_norm.weight"] = (nh * d,)
+        out[f"{p}.attention.dense.weight"] = (h, nh * d)
+
+    def mlp(p: str, inter: int) -> None:
+        out[f"{p}.gate_proj.weight"] = (inter, h)
+        out[f"{p}.up_proj.weight"] = (inter, h)
+        out[f"{p}.down_proj.weight"] = (h, inter)
+
+    def moe(p: str) -> None:
+        out[f"{p}.mlp.gate.weight"] = (cfg.num_experts, h)
+        if cfg.moe_router_enable_expert_bias:
+            out[f"{p}.mlp.gate.expert_bias"] = (cfg.num_experts,)
+        for e in range(cfg.num_experts):
+            mlp(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size)
+        if cfg.num_shared_experts > 0:
+            mlp(f"{p}.mlp.shared_experts", cfg.shared_expert_intermediate_size)
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+        (mla if cfg.is_mla_layer(i) else linear_attn)(p)
+        if cfg.is_moe_layer(i):
+            moe(p)
+        else:
+            mlp(f"{p}.mlp", cfg.intermediate_size)
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (cfg.vocab_size, h)
+    if include_mtp and cfg.num_nextn_predict_layers > 0:
+        p = f"model.layers.{cfg.num_hidden_layers}"
+        for name in ("enorm", "hnorm", "input_layernorm", "post_attention_layernorm", "final_layernorm"):
+            out[f"{p}.{name}.weight"] = (h,)
+        out[f"{p}.eh_proj.weight"] = (h, 2 * h)
+        mla(p)
+        moe(p)
+    return out
+
+
+def checkpoint_weight_map(checkpoint_dir: str | Path) -> dict[str, Path]:
+    """Tensor key -> file, from ``model.safetensors.index.json`` or a single ``model.safetensors``."""
+    root = Path(checkpoint_dir)
+    index = root / INDEX_FILE
+    if index.is_file():
+        data = json.loads(index.read_text())
+        if "weight_map" not in data:
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        return {k: root / v for k, v in data["weight_map"].items()}
+    single = root / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint: no {INDEX_FILE} and no *.safetensors under {root}")
+    out: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            out.update({k: path for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+# Names some exports use for a tensor, mapped to ours (DeepSeek-style router bias naming).
+_ALIASES = {".mlp.gate.e_score_correction_bias": ".mlp.gate.expert_bias"}
+
+
+def _canonical(key: str) -> str:
+    for alias, name in _ALIASES.items():
+        if key.endswith(alias):
+            return key.removesuffix(alias) + name
+    return key
+
+
+def _ignored(key: str) -> bool:
+    # Decay slopes are recomputed from the config (SGLang skips them too); rotary caches are derived.
+    return "slope" in key or key.endswith("rotary_emb.inv_freq")
+
+
+class _Reader:
+    """Lazily opened safetensors files; reads slices, dequantizing block-scaled FP8."""
+
+    def __init__(self, weight_map: dict[str, Path], fp8_block: tuple[int, int] | None) -> None:
+        self.weight_map = weight_map
+        self.fp8_block = fp8_block
+        self._open: dict[Path, object] = {}
+
+    def _file(self, key: str):
+        path = self.weight_map[key]
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file(key).get_slice(key).get_shape())
+
+    def read(self, key: str, src: tuple[slice, ...]) -> torch.Tensor:
+        t = self._file(key).get_slice(key)[src]
+        scale_key = key.removesuffix("weight") + "weight_scale_inv"
+        if key.endswith(".weight") and scale_key in self.weight_map:
+            t = self._dequant(t, scale_key, src)
+        return t
+
+    def _dequant(self, t: torch.Tensor, scale_key: str, src: tuple[slice, ...]) -> torch.Tensor:
+        br, bc = self.fp8_block or (128, 128)
+        (r0, r1), (c0, c1) = ((s.start, s.stop) for s in src)
+        scale = self._file(scale_key).get_slice(scale_key)[r0 // br : -(-r1 // br), c0 // bc : -(-c1 // bc)]
+        # Expand the block scales to element resolution, then crop to the requested window.
+        scale = scale.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)
+        scale = scale[r0 - (r0 // br) * br :, c0 - (c0 // bc) * bc :][: r1 - r0, : c1 - c0]
+        return t.float() * scale
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one rank read: checkpoint tensors touched and the elements of them actually read."""
+
+    tensors: int
+    elements: int
+
+
+def load_weights(
+    model: torch.nn.Module,
+    checkpoint_dir: str | Path,
+    cfg: LingConfig,
+    load_mtp: bool,
+) -> LoadReport:
+    """Fill every parameter of ``model`` from ``checkpoint_dir`` (only this rank's slices).
+
+    Raises :class:`CheckpointError` naming the key for a missing tensor, a tensor whose shape differs
+    from the model's expectation (both shapes named) or a checkpoint tensor the model has no place for.
+    MTP tensors (layer index ``num_hidden_layers``) are required only when ``load_mtp``; otherwise
+    they are skipped.
+    """
+    weight_map = checkpoint_weight_map(checkpoint_dir)
+    stored = {_canonical(k): k for k in weight_map}  # our name -> the checkpoint's name
+    # Judge "unexpected" against the canonical layout, not this rank's pieces: with expert
+    # parallelism a rank legitimately leaves other ranks' experts unread.
+    expected = hf_tensor_shapes(cfg, include_mtp=True)
+    extra = [
+        k for k in stored if k not in expected and not k.endswith("weight_scale_inv") and not _ignored(k)
+    ]
+    if extra:
+        shown = ", ".join(sorted(extra)[:5])
+        raise CheckpointError(
+            f"unexpected tensor(s) in the checkpoint: {shown}" + (" ..." if len(extra) > 5 else "")
+        )
+    reader = _Reader(weight_map, cfg.fp8_block_size)
+    used: set[str] = set()
+    elements = 0
+    try:
+        with torch.no_grad():
+            for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+                pieces: list[Piece] | None = getattr(param, "ckpt_pieces", None)
+                if pieces is None:
+                    continue
+                for piece in pieces:
+                    if piece.key not in stored:
+                        raise CheckpointError(
+                            f"{piece.key}: missing from the checkpoint (needed by parameter {name}, "
+                            f"expected shape {list(piece.shape)})"
+                        )
+                    key = stored[piece.key]
+                    found = reader.shape(key)
+                    if found != piece.shape:
+                        raise CheckpointError(
+                            f"{piece.key}: checkpoint shape {list(found)} != model shape {list(piece.shape)}"
+                        )
+                    data = reader.read(key, piece.src)
+                    param[piece.dst].copy_(data.to(param.dtype))
+                    used.add(piece.key)
+                    elements += data.numel()
+    finally:
+        reader.close()
+    return LoadReport(tensors=len(used), elements=elements)

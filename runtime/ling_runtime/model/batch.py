@@ -1,0 +1,122 @@
+"""``ForwardBatch``: the flat token layout of one model step over B sequences.
+
+Tokens of all sequences are concatenated (sequence b owns ``input_ids[cu_seqlens[b]:cu_seqlens[b+1]]``).
+A sequence may be a prefill chunk (``seq_lens[b] > 1``), a decode step (1 token) or a speculative
+verify of k+1 tokens (set ``keep_linear_states`` so each linear-attention layer keeps the state after
+every position for ``LingCache.commit_linear_state``; only sequences of at most the cache's
+``max_spec_tokens`` tokens keep them, so prefill chunks may share a verify batch). The MLA latent cache is paged: token at
+absolute position p of sequence b lives in page ``block_tables[b, p // page_size]`` at row
+``p % page_size``; ``block_tables`` must cover positions ``[0, prefix_lens[b] + seq_lens[b])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64: prefix_lens[b] + 0..seq_lens[b]-1
+    seq_lens: list[int]  # query tokens per sequence in this step
+    prefix_lens: list[int]  # tokens already in the cache per sequence (0 = new sequence)
+    state_slots: torch.Tensor  # [B] int64: linear-attention state slot per sequence
+    block_tables: torch.Tensor  # [B, max_pages] int64: MLA latent pages per sequence
+    keep_linear_states: bool = False
+    cu_seqlens: torch.Tensor = field(init=False)  # [B+1] int64
+    # Host copies, so per-sequence loops never synchronise with the device.
+    offsets: list[int] = field(init=False)  # cu_seqlens as a list
+    slots: list[int] = field(init=False)  # state_slots as a list
+
+    def __post_init__(self) -> None:
+        b = len(self.seq_lens)
+        if len(self.prefix_lens) != b:
+            raise ValueError(
+                f"prefix_lens: expected {b} entries (one per sequence), got {len(self.prefix_lens)}"
+            )
+        if any(n < 1 for n in self.seq_lens):
+            raise ValueError(f"seq_lens: every sequence needs at least one token, got {self.seq_lens}")
+        if any(n < 0 for n in self.prefix_lens):
+            raise ValueError(f"prefix_lens: must be >= 0, got {self.prefix_lens}")
+        total = sum(self.seq_lens)
+        if self.input_ids.shape != (total,) or self.positions.shape != (total,):
+            raise ValueError(
+                f"input_ids/positions: expected shape [{total}] (sum of seq_lens), got "
+                f"{list(self.input_ids.shape)} / {list(self.positions.shape)}"
+            )
+        if self.state_slots.shape != (b,):
+            raise ValueError(f"state_slots: expected shape [{b}], got {list(self.state_slots.shape)}")
+        if self.block_tables.dim() != 2 or self.block_tables.shape[0] != b:
+            raise ValueError(
+                f"block_tables: expected shape [{b}, max_pages], got {list(self.block_tables.shape)}"
+            )
+        lens = torch.tensor([0, *self.seq_lens], dtype=torch.int64)
+        cu = torch.cumsum(lens, 0)
+        self.offsets = cu.tolist()
+        self.slots = self.state_slots.tolist()
+        self.cu_seqlens = cu.to(self.input_ids.device)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence contributes exactly one token (the batched decode paths apply)."""
+        return all(n == 1 for n in self.seq_lens)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def last_token_indices(self) -> torch.Tensor:
+        """Row of each sequence's last token in the flat layout (where its next-token logits come from)."""
+        return self.cu_seqlens[1:] - 1
+
+    def to(self, device: torch.device | str) -> ForwardBatch:
+        """The same batch with its tensors on ``device`` (host lists are shared)."""
+        return ForwardBatch(
+            input_ids=self.input_ids.to(device),
+            positions=self.positions.to(device),
+            seq_lens=self.seq_lens,
+            prefix_lens=self.prefix_lens,
+            state_slots=self.state_slots.to(device),
+            block_tables=self.block_tables.to(device),
+            keep_linear_states=self.keep_linear_states,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        tokens: Sequence[Sequence[int]],
+        prefix_lens: Sequence[int],
+        state_slots: Sequence[int],
+        block_tables: torch.Tensor | Sequence[Sequence[int]],
+        keep_linear_states: bool = False,
+        device: torch.device | str | None = None,
+    ) -> ForwardBatch:
+        """Build from per-sequence token lists; positions continue after each prefix."""
+        seq_lens = [len(t) for t in tokens]
+        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.int64, device=device)
+        pos = torch.tensor(
+            [p + i for p, n in zip(prefix_lens, seq_lens, strict=True) for i in range(n)],
+            dtype=torch.int64,
+            device=device,
+        )
+        if not isinstance(block_tables, torch.Tensor):
+            width = max((len(r) for r in block_tables), default=0)
+            block_tables = torch.tensor(
+                [list(r) + [0] * (width - len(r)) for r in block_tables], dtype=torch.int64
+            )
+        return cls(
+            input_ids=ids,
+            positions=pos,
+            seq_lens=seq_lens,
+            prefix_lens=list(prefix_lens),
+            state_slots=torch.tensor(list(state_slots), dtype=torch.int64, device=device),
+            block_tables=block_tables.to(device=device, dtype=torch.int64),
+            keep_linear_states=keep_linear_states,
+        )

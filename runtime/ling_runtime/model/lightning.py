@@ -1,0 +1,254 @@
+"""Lightning (linear) attention layers: math references + the TP-sharded layer module.
+
+Per head h with decay rate s_h (lambda = exp(-s_h)) and state S [D, Dv]:
+``S_t = lambda * S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t`` (q pre-scaled by 1/sqrt(D)).
+Prefill runs Lightning-Attention-2 chunks over a carried state; decode is one recurrent step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ling_runtime.config import LingConfig
+from ling_runtime.distributed.parallel import TPGroup
+from ling_runtime.loader import Piece
+from ling_runtime.model.batch import ForwardBatch
+from ling_runtime.model.cache import LingCache
+from ling_runtime.model.linear import ColumnParallelLinear, RowParallelLinear, make_param
+from ling_runtime.model.norms import GroupRMSNorm, RMSNorm, rms_norm_reference
+from ling_runtime.model.rope import apply_rope_neox, rope_cos_sin, rope_inv_freq
+
+
+def alibi_base_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes ``2^(-8(h+1)/H)``; non-power-of-two H interleaves the next power (as ALiBi)."""
+
+    def pow2(n: int) -> list[float]:
+        return [2 ** (-(2 ** -(math.log2(n) - 3)) * (i + 1)) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return pow2(num_heads)
+    p = 2 ** math.floor(math.log2(num_heads))
+    return pow2(p) + pow2(2 * p)[::2][: num_heads - p]
+
+
+def lightning_slopes(num_heads: int, layer_id: int, num_layers: int) -> torch.Tensor:
+    """Decay rates ``s_h`` [H] (float32) of layer ``layer_id``: ALiBi base times ``1 - l/(L-1) + 1e-5``.
+
+    The layer factor is the vLLM / SGLang-CUDA / mlx-lm one (absolute layer index l); the HF remote
+    code and sglang-jax use ``l-1`` instead (see docs/model.md).
+    """
+    factor = 1 - layer_id / max(1, num_layers - 1) + 1e-5
+    return torch.tensor(alibi_base_slopes(num_heads), dtype=torch.float32) * factor
+
+
+def lightning_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    state: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked Lightning attention of one sequence over a carried state.
+
+    q, k: [T, h, D]; v: [T, h, Dv] (float32, q already scaled); slopes: [h]; state: [h, D, Dv].
+    Returns (o [T, h, Dv], new state). Per chunk of B tokens: intra ``(Q K^T ⊙ M) V`` with
+    ``M_ij = λ^(i-j)`` (i >= j), inter ``λ^(i+1) Q S``, then ``S ← λ^B S + (λ^(B-1-j) K)^T V``.
+    """
+    qh, kh, vh = (t.float().transpose(0, 1) for t in (q, k, v))  # [h, T, *]
+    s = slopes.float().to(q.device)[:, None, None]
+    state = state.float()
+    outs = []
+    for start in range(0, qh.shape[1], chunk_size):
+        qc, kc, vc = (
+            qh[:, start : start + chunk_size],
+            kh[:, start : start + chunk_size],
+            vh[:, start : start + chunk_size],
+        )
+        b = qc.shape[1]
+        idx = torch.arange(b, device=q.device, dtype=torch.float32)
+        diff = idx[:, None] - idx[None, :]
+        mask = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
+        intra = ((qc @ kc.transpose(1, 2)) * mask) @ vc
+        inter = torch.exp(-s * (idx[None, :, None] + 1)) * (qc @ state)
+        outs.append(intra + inter)
+        k_decay = torch.exp(-s * (b - 1 - idx)[None, :, None])
+        state = torch.exp(-s * b) * state + (kc * k_decay).transpose(1, 2) @ vc
+    return torch.cat(outs, dim=1).transpose(0, 1), state
+
+
+def lightning_recurrent_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence (decode / speculative verify): returns (o [T, h, Dv], states [T, h, D, Dv])
+    where ``states[t]`` is the state after position t (what verify keeps for rollback)."""
+    lam = torch.exp(-slopes.float().to(q.device))[:, None, None]
+    state = state.float()
+    outs, states = [], []
+    for t in range(q.shape[0]):
+        state = lam * state + k[t].float()[:, :, None] * v[t].float()[:, None, :]
+        outs.append((q[t].float()[:, None, :] @ state)[:, 0])
+        states.append(state)
+    return torch.stack(outs), torch.stack(states)
+
+
+def lightning_decode_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step for B sequences at once: q, k [B, h, D], v [B, h, Dv], states [B, h, D, Dv].
+
+    Returns (o [B, h, Dv], new states) with ``S' = λ S + k^T v`` and ``o = q S'``.
+    """
+    lam = torch.exp(-slopes.float().to(q.device))[None, :, None, None]
+    new = lam * states.float() + k.float()[..., :, None] * v.float()[..., None, :]
+    return (q.float()[..., None, :] @ new)[..., 0, :], new
+
+
+class LightningAttention(nn.Module):
+    """Fused QKV, per-head QK RMSNorm, partial NeoX RoPE, Lightning attention over the slot's state,
+    group RMSNorm ⊙ sigmoid(g_proj(x)), dense. Heads (and their slopes) are split over TP ranks."""
+
+    def __init__(
+        self,
+        cfg: LingConfig,
+        layer_id: int,
+        linear_index: int,
+        prefix: str,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.linear_index = linear_index
+        self.chunk_size = chunk_size
+        nh, d, h = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        self.local_heads = nh // tp.size
+        self.head_dim = d
+        self.scale = d**-0.5
+        lh = self.local_heads
+        # Rows are [Q heads | K heads | V heads]; rank r takes its heads from each of the three.
+        key = f"{prefix}.query_key_value.weight"
+        pieces = [
+            Piece(
+                key,
+                (3 * nh * d, h),
+                (slice(j * nh * d + tp.rank * lh * d, j * nh * d + (tp.rank + 1) * lh * d), slice(0, h)),
+                (slice(j * lh * d, (j + 1) * lh * d), slice(0, h)),
+            )
+            for j in range(3)
+        ]
+        self.query_key_value = nn.Module()
+        self.query_key_value.weight = make_param((3 * lh * d, h), dtype, device, pieces)
+        self.query_layernorm = (
+            RMSNorm(f"{prefix}.query_layernorm.weight", d, cfg.rms_norm_eps, dtype, device)
+            if cfg.use_qk_norm
+            else None
+        )
+        self.key_layernorm = (
+            RMSNorm(f"{prefix}.key_layernorm.weight", d, cfg.rms_norm_eps, dtype, device)
+            if cfg.use_qk_norm
+            else None
+        )
+        self.g_proj = ColumnParallelLinear([(f"{prefix}.g_proj.weight", nh * d)], h, tp, dtype, device)
+        self.g_norm = GroupRMSNorm(
+            f"{prefix}.g_norm.weight",
+            nh * d,
+            cfg.group_norm_size,
+            cfg.rms_norm_eps,
+            tp.rank,
+            tp.size,
+            dtype,
+            device,
+        )
+        self.dense = RowParallelLinear(f"{prefix}.dense.weight", nh * d, h, tp, dtype, device)
+        slopes = lightning_slopes(nh, layer_id, cfg.num_hidden_layers)
+        self.register_buffer("slopes", slopes[tp.rank * lh : (tp.rank + 1) * lh].to(device), persistent=False)
+        inv_freq, mscale = rope_inv_freq(
+            cfg.linear_rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.rope_mscale = mscale
+
+    def qkv(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected, normed, rotated and scaled q, k, v of ``x`` [T, H]: each [T, h_local, D] float32."""
+        t = x.shape[0]
+        qkv = torch.nn.functional.linear(x, self.query_key_value.weight).float()
+        q, k, v = qkv.view(t, 3, self.local_heads, self.head_dim).unbind(1)
+        if self.query_layernorm is not None and self.key_layernorm is not None:
+            q = rms_norm_reference(q, self.query_layernorm.weight, self.query_layernorm.eps)
+            k = rms_norm_reference(k, self.key_layernorm.weight, self.key_layernorm.eps)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_mscale)
+        q = apply_rope_neox(q, cos, sin) * self.scale
+        k = apply_rope_neox(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
+        q, k, v = self.qkv(x, batch.positions)
+        if batch.keep_linear_states and cache.spec_linear_state is None:
+            raise ValueError(
+                "max_spec_tokens: keep_linear_states needs a cache built with max_spec_tokens > 0"
+            )
+        if batch.is_decode:
+            out = self._decode(q, k, v, batch, cache)
+        else:
+            out = torch.empty_like(v)
+            for b in range(batch.batch_size):
+                lo, hi = batch.offsets[b], batch.offsets[b + 1]
+                out[lo:hi] = self._sequence(
+                    q[lo:hi], k[lo:hi], v[lo:hi], batch.slots[b], batch.prefix_lens[b] == 0, batch, cache
+                )
+        o = out.reshape(x.shape[0], -1)
+        gate = torch.sigmoid(self.g_proj(x).float())
+        o = (self.g_norm(o).float() * gate).to(x.dtype)
+        return self.dense(o)
+
+    def _decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, cache: LingCache
+    ) -> torch.Tensor:
+        """All sequences one token: one batched recurrent step over their gathered slots."""
+        li = self.linear_index
+        slots = batch.state_slots
+        states = cache.linear_state[li, slots]
+        fresh = torch.tensor([p == 0 for p in batch.prefix_lens], device=states.device)
+        states = states.masked_fill(fresh[:, None, None, None], 0.0)
+        out, new = lightning_decode_reference(q, k, v, self.slopes, states)
+        cache.linear_state[li, slots] = new
+        if batch.keep_linear_states and cache.max_spec_tokens >= 1:
+            assert cache.spec_linear_state is not None
+            cache.spec_linear_state[li, slots, 0] = new
+        return out
+
+    def _sequence(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot: int,
+        fresh: bool,
+        batch: ForwardBatch,
+        cache: LingCache,
+    ) -> torch.Tensor:
+        """One sequence's chunk (prefill, extend or verify) over its slot's carried state."""
+        li = self.linear_index
+        state = cache.linear_state[li, slot]
+        if fresh:
+            state = torch.zeros_like(state)  # a new sequence never sees a stale slot
+        n = q.shape[0]
+        if batch.keep_linear_states and n <= cache.max_spec_tokens:
+            # Verify: keep the state after every position for commit_linear_state. Longer
+            # sequences in the same batch (prefill chunks) are not verifies and skip this.
+            assert cache.spec_linear_state is not None
+            o, states = lightning_recurrent_reference(q, k, v, self.slopes, state)
+            cache.spec_linear_state[li, slot, :n] = states
+            new_state = states[-1]
+        else:
+            o, new_state = lightning_attention_reference(q, k, v, self.slopes, state, self.chunk_size)
+        cache.linear_state[li, slot] = new_state
+        return o

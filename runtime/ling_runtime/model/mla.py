@@ -1,0 +1,227 @@
+"""Multi-head latent attention (MLA) layers: math references + the TP-sharded layer module.
+
+Per token the cache keeps ``[c_kv ‖ k_pe]`` (kv_lora_rank + rope dims), shared by all heads and
+replicated on every TP rank. Prefill/extend expands the latent to per-head keys and values
+(``mla_attention_reference``); decode uses the absorbed form (``mla_attention_absorbed_reference``):
+queries are mapped into the latent space with ``W_UK`` and outputs out of it with ``W_UV``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ling_runtime.config import LingConfig, yarn_mscale
+from ling_runtime.distributed.parallel import TPGroup
+from ling_runtime.model.batch import ForwardBatch
+from ling_runtime.model.cache import LingCache
+from ling_runtime.model.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from ling_runtime.model.norms import RMSNorm
+from ling_runtime.model.rope import apply_rope_interleaved, rope_cos_sin, rope_inv_freq, rope_kind
+
+
+def _causal_bias(q_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    kv_pos = torch.arange(kv_len, device=q_positions.device)
+    allowed = kv_pos[None, :] <= q_positions[:, None]
+    return torch.where(allowed, 0.0, float("-inf"))  # [Tq, Tk]
+
+
+def mla_attention_reference(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+    q_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Expanded (prefill) MLA of one sequence.
+
+    q_nope [Tq, h, nope], q_pe [Tq, h, rope] (rotated), c_kv [Tk, r] (normed latent), k_pe [Tk, rope]
+    (rotated), w_uk [h, nope, r], w_uv [h, v, r]; query i attends keys at positions <= q_positions[i].
+    Returns [Tq, h, v] float32.
+    """
+    c = c_kv.float()
+    k_nope = torch.einsum("kr,hnr->hkn", c, w_uk.float())  # [h, Tk, nope]
+    v = torch.einsum("kr,hvr->hkv", c, w_uv.float())  # [h, Tk, v]
+    scores = torch.einsum("qhn,hkn->hqk", q_nope.float(), k_nope) + torch.einsum(
+        "qhp,kp->hqk", q_pe.float(), k_pe.float()
+    )
+    scores = scores * scale + _causal_bias(q_positions, c.shape[0])
+    return torch.einsum("hqk,hkv->qhv", torch.softmax(scores, dim=-1), v)
+
+
+def mla_attention_absorbed_reference(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+    q_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Absorbed (decode) MLA, same contract as :func:`mla_attention_reference`: MQA over the
+    576-wide latent key with ``q̃ = q_nope W_UK`` and ``o = (softmax · c_kv) W_UV^T``."""
+    q_lat = torch.einsum("qhn,hnr->qhr", q_nope.float(), w_uk.float())
+    scores = torch.einsum("qhr,kr->hqk", q_lat, c_kv.float()) + torch.einsum(
+        "qhp,kp->hqk", q_pe.float(), k_pe.float()
+    )
+    scores = scores * scale + _causal_bias(q_positions, c_kv.shape[0])
+    u = torch.einsum("hqk,kr->qhr", torch.softmax(scores, dim=-1), c_kv.float())
+    return torch.einsum("qhr,hvr->qhv", u, w_uv.float())
+
+
+def mla_decode_batched_reference(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latents: torch.Tensor,
+    kv_lens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA decode of B sequences (one query each) over padded latents.
+
+    q_nope [B, h, nope], q_pe [B, h, rope], latents [B, L, r + rope] (``[c_kv ‖ k_pe]``, rows at or
+    past ``kv_lens[b]`` ignored), w_uk [h, nope, r], w_uv [h, v, r]. Returns [B, h, v] float32.
+    """
+    r = w_uk.shape[-1]
+    lat = latents.float()
+    q_lat = torch.einsum("bhn,hnr->bhr", q_nope.float(), w_uk.float())
+    scores = torch.einsum("bhr,blr->bhl", q_lat, lat[..., :r]) + torch.einsum(
+        "bhp,blp->bhl", q_pe.float(), lat[..., r:]
+    )
+    valid = torch.arange(lat.shape[1], device=lat.device)[None, :] < kv_lens[:, None]
+    scores = (scores * scale).masked_fill(~valid[:, None, :], float("-inf"))
+    u = torch.einsum("bhl,blr->bhr", torch.softmax(scores, dim=-1), lat[..., :r])
+    return torch.einsum("bhr,hvr->bhv", u, w_uv.float())
+
+
+def mla_softmax_scale(cfg: LingConfig) -> float:
+    """``1/sqrt(qk_head_dim)``, times ``mscale(factor, mscale_all_dim)^2`` under YaRN with mscale_all_dim."""
+    scale = cfg.qk_head_dim**-0.5
+    rs = cfg.rope_scaling
+    if rope_kind(rs) != "default" and rs is not None and rs.get("mscale_all_dim"):
+        m = yarn_mscale(float(rs.get("factor", 1.0)), float(rs["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class MLAttention(nn.Module):
+    """MLA with optional q LoRA; q_b/q_proj/kv_b split by heads, q_a/kv_a replicated, dense row-parallel."""
+
+    def __init__(
+        self,
+        cfg: LingConfig,
+        mla_index: int,
+        prefix: str,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.mla_index = mla_index
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.local_heads = nh // tp.size
+        self.nope, self.rope, self.vdim, self.rank = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
+        qk = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear([(f"{prefix}.q_proj.weight", nh * qk)], h, tp, dtype, device)
+        else:
+            self.q_a_proj = ReplicatedLinear(f"{prefix}.q_a_proj.weight", h, cfg.q_lora_rank, dtype, device)
+            self.q_a_layernorm = RMSNorm(
+                f"{prefix}.q_a_layernorm.weight", cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device
+            )
+            self.q_b_proj = ColumnParallelLinear(
+                [(f"{prefix}.q_b_proj.weight", nh * qk)], cfg.q_lora_rank, tp, dtype, device
+            )
+        self.kv_a_proj_with_mqa = ReplicatedLinear(
+            f"{prefix}.kv_a_proj_with_mqa.weight", h, cfg.kv_cache_dim, dtype, device
+        )
+        self.kv_a_layernorm = RMSNorm(
+            f"{prefix}.kv_a_layernorm.weight", cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, device
+        )
+        self.kv_b_proj = ColumnParallelLinear(
+            [(f"{prefix}.kv_b_proj.weight", nh * (self.nope + self.vdim))],
+            cfg.kv_lora_rank,
+            tp,
+            dtype,
+            device,
+        )
+        self.dense = RowParallelLinear(f"{prefix}.dense.weight", nh * self.vdim, h, tp, dtype, device)
+        self.scale = mla_softmax_scale(cfg)
+        inv_freq, mscale = rope_inv_freq(
+            self.rope, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.rope_mscale = mscale
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [h, nope, r], W_UV [h, v, r]) of this rank's heads, views of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(self.local_heads, self.nope + self.vdim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
+        t = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.local_heads, self.nope + self.rope)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[:, : self.rank])
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        k_pe = apply_rope_interleaved(kv[:, None, self.rank :], cos, sin)[:, 0]
+        latent = torch.cat([c_kv, k_pe], dim=-1)
+        w_uk, w_uv = self.absorbed_weights()
+        if batch.is_decode:
+            out = self._decode(q_nope, q_pe, latent, w_uk, w_uv, batch, cache)
+        else:
+            out = torch.empty(t, self.local_heads, self.vdim, dtype=torch.float32, device=x.device)
+            for b in range(batch.batch_size):
+                lo, hi = batch.offsets[b], batch.offsets[b + 1]
+                pos = batch.positions[lo:hi]
+                table = batch.block_tables[b]
+                cache.write_latent(self.mla_index, table, pos, latent[lo:hi])
+                cached = cache.read_latent(self.mla_index, table, batch.prefix_lens[b] + (hi - lo))
+                r = self.rank
+                out[lo:hi] = mla_attention_reference(
+                    q_nope[lo:hi], q_pe[lo:hi], cached[:, :r], cached[:, r:], w_uk, w_uv, self.scale, pos
+                )
+        return self.dense(out.reshape(t, -1).to(x.dtype))
+
+    def _decode(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent: torch.Tensor,
+        w_uk: torch.Tensor,
+        w_uv: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LingCache,
+    ) -> torch.Tensor:
+        """All sequences one token: scatter their latents, gather padded histories, absorbed attention."""
+        ps = cache.page_size
+        rows = torch.arange(batch.batch_size, device=latent.device)
+        pos = batch.positions
+        cache.mla_kv[self.mla_index, batch.block_tables[rows, pos // ps], pos % ps] = latent.to(
+            cache.mla_kv.dtype
+        )
+        longest = max(batch.prefix_lens) + 1
+        n_pages = -(-longest // ps)
+        if n_pages > batch.block_tables.shape[1]:
+            raise ValueError(
+                f"block_tables: {longest} tokens need {n_pages} pages, the table has {batch.block_tables.shape[1]}"
+            )
+        pages = cache.mla_kv[self.mla_index, batch.block_tables[:, :n_pages]]  # [B, n_pages, ps, kv]
+        histories = pages.reshape(batch.batch_size, n_pages * ps, -1)[:, :longest]
+        return mla_decode_batched_reference(q_nope, q_pe, histories, pos + 1, w_uk, w_uv, self.scale)
