@@ -613,11 +613,17 @@ class AutoscalingSpec(ApiModel):
         default=300,
         ge=0,
         le=86400,
-        description="Scale down only to the highest recommendation of this window.",
+        description="Scale down only to the highest recommendation of this window; a scale-down undone "
+        "within it doubles the window in force (up to 4x) while the load keeps coming back.",
     )
-    max_scale_up_step: int = Field(default=2, ge=1, le=MAX_GROUPS, description="Most groups added at once.")
+    max_scale_up_step: int = Field(
+        default=4,
+        ge=1,
+        le=MAX_GROUPS,
+        description="Most groups added at once (groups still starting never trigger a further scale-up).",
+    )
     max_scale_down_step: int = Field(
-        default=1, ge=1, le=MAX_GROUPS, description="Most groups removed at once."
+        default=2, ge=1, le=MAX_GROUPS, description="Most groups removed at once."
     )
     interval_seconds: int = Field(
         default=15, ge=1, le=3600, description="How often the queue depth is observed."
@@ -939,6 +945,14 @@ class GroupStatus(ApiModel):
     last_restart_time: Timestamp | None = Field(default=None, description="When the group last restarted.")
     last_restart_reason: str | None = Field(default=None, description="Why the group last restarted.")
     forming_since: Timestamp | None = Field(default=None, description="When the current rendezvous began.")
+    backoff_seconds: int | None = Field(
+        default=None,
+        description="Delay of the last restart; the next doubles it (up to maxBackoffSeconds). Cleared once "
+        "the group has been Ready for 10 minutes (or maxBackoffSeconds if longer): then backoffSeconds again.",
+    )
+    ready_since: Timestamp | None = Field(
+        default=None, description="When the group last became Ready (absent while it is not)."
+    )
 
 
 class ScaleEvent(ApiModel):
@@ -965,7 +979,10 @@ class AutoscalerStatus(ApiModel):
     recommendation: int | None = Field(default=None, description="Groups the policy recommends now.")
     last_scale_time: Timestamp | None = Field(default=None, description="When spec.replicas last changed.")
     last_scale_reason: str | None = Field(default=None, description="Why spec.replicas last changed.")
-    last_observation_time: Timestamp | None = Field(default=None, description="When the queue was read.")
+    last_observation_time: Timestamp | None = Field(
+        default=None,
+        description="When the queue was last read with a change worth writing (steady state writes nothing).",
+    )
     source_error: str | None = Field(default=None, description="Last error of the metric source, if any.")
     history: list[ScaleEvent] = Field(
         default_factory=list, max_length=10, description="The last 10 scale decisions, oldest first."
@@ -985,6 +1002,19 @@ class AutoscalerStatus(ApiModel):
     )
     scale_up_target: int | None = Field(
         default=None, description="Size the scale-up in progress aims at (never raised while groups start)."
+    )
+    scale_down_window_seconds: int | None = Field(
+        default=None,
+        description="Scale-down window in force when flap damping stretched it (absent: the spec's).",
+    )
+    damped_until: Timestamp | None = Field(
+        default=None, description="The stretched window lapses then unless the load keeps coming back."
+    )
+    last_scale_down_time: Timestamp | None = Field(
+        default=None, description="Last scale-down not yet followed by a scale-up."
+    )
+    below_since: Timestamp | None = Field(
+        default=None, description="Since when the recommendation has been below spec.replicas."
     )
 
 

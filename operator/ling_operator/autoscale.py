@@ -13,6 +13,9 @@ for (reference/serving-anchors.md §3.7-8):
   running count is the group's capacity, and the recommendation never drops below the groups needed to
   hold the running requests -- otherwise a drained queue would look like "no demand" and flap;
 - a group whose metrics cannot be read blocks scale-down (its demand is unknown) but not scale-up;
+- a scale-down undone by a scale-up within the down-window was premature: the down-window in force
+  doubles (up to FLAP_DAMPING_LIMIT × the spec's) and stays stretched while the load keeps coming back
+  within it -- so bursts that return every few minutes keep their groups instead of flapping;
 - scale to zero only through a source that still sees demand with no group running (Prometheus).
 
 Nothing here does I/O; the controller (autoscale_controller.py) and the simulation (bench/autoscale/)
@@ -34,12 +37,17 @@ __all__ = [
     "PolicyState",
     "Recommendation",
     "decide",
+    "down_window_in_force",
+    "history_seconds",
+    "prune_recommendations",
     "record_recommendation",
     "window_values",
 ]
 
 # Recommendation runs kept at most (the windows also prune them); bounds the status object's size.
 MAX_RECOMMENDATIONS = 64
+# The down-window in force grows to at most this multiple of spec.scaleDownStabilizationSeconds.
+FLAP_DAMPING_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,14 @@ class PolicyState:
     group_capacity: int | None = None  # running requests one saturated group held (learned)
     # The size a scale-up set out to reach; while its groups start, steps continue up to it but never past.
     scale_up_target: int | None = None
+    # The scale-down window in force when flap damping has stretched it (None: the spec's).
+    scale_down_window: float | None = None
+    # When the last scale-down happened (cleared by the next scale-up): a scale-up soon after undoes it.
+    last_scale_down: float | None = None
+    # Until when the stretched window holds unless the load keeps coming back (see down_window_in_force).
+    damped_until: float | None = None
+    # Since when the recommendation has been below the current size (None while it is not).
+    below_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,14 @@ def record_recommendation(
     runs = list(history)
     if not runs or runs[-1].replicas != replicas:
         runs.append(Recommendation(now, replicas))
+    return prune_recommendations(tuple(runs), now, keep_seconds)
+
+
+def prune_recommendations(
+    history: tuple[Recommendation, ...], now: float, keep_seconds: float
+) -> tuple[Recommendation, ...]:
+    """Drop runs that no window can see any more (the windows read the same values with or without them)."""
+    runs = list(history)
     horizon = now - keep_seconds
     # A run that started before the horizon still matters while it is the one in force at the horizon.
     while len(runs) > 1 and runs[1].time <= horizon:
@@ -124,6 +148,70 @@ def window_values(history: Sequence[Recommendation], now: float, window: float) 
     if before:
         values.append(before[-1].replicas)
     return values
+
+
+def history_seconds(spec: AutoscalingSpec) -> float:
+    """How much recommendation history the windows can need (the down-window may be stretched)."""
+    return max(
+        spec.scale_up_stabilization_seconds, FLAP_DAMPING_LIMIT * spec.scale_down_stabilization_seconds
+    )
+
+
+def down_window_in_force(
+    spec: AutoscalingSpec,
+    state: PolicyState,
+    now: float,
+    current: int,
+    previous_recommendation: int,
+    recommendation: int,
+) -> tuple[float, PolicyState]:
+    """The scale-down window this decision uses, and the state carrying flap damping forward.
+
+    Damping lasts while the load keeps coming back: the recommendation falling below the current size
+    and rising again within the stretched window is a scale-down that would have been undone, so the
+    damping is renewed. With no such return for FLAP_DAMPING_LIMIT x the spec's window the load pattern
+    has ended and the spec's window applies again."""
+    base = float(spec.scale_down_stabilization_seconds)
+    longest = FLAP_DAMPING_LIMIT * base
+    window = min(max(state.scale_down_window or base, base), longest)
+    damped_until = state.damped_until
+    if window <= base or damped_until is None or now >= damped_until:
+        window, damped_until = base, None
+    below_since = state.below_since
+    rose = recommendation > previous_recommendation
+    if below_since is not None and window > base and rose and now - below_since < window:
+        damped_until = now + longest  # the load came back before the stretched window ran out
+    if recommendation >= current:
+        below_since = None
+    elif below_since is None:
+        below_since = now
+    return window, replace(
+        state,
+        scale_down_window=window if window > base else None,
+        damped_until=damped_until,
+        below_since=below_since,
+    )
+
+
+def _after_scale(
+    spec: AutoscalingSpec, state: PolicyState, now: float, direction: str, window: float
+) -> tuple[PolicyState, str]:
+    """Flap damping's memory after a decision, and a note for the message when the window grows."""
+    if direction == "down":
+        return replace(state, last_scale_down=now), ""
+    if direction != "up":
+        return state, ""
+    last = state.last_scale_down
+    state = replace(state, last_scale_down=None, below_since=None)
+    if last is None or now - last >= window:
+        return state, ""
+    # The last scale-down is undone within its own window: it was premature. Wait longer next time.
+    longest = FLAP_DAMPING_LIMIT * spec.scale_down_stabilization_seconds
+    grown = min(window * 2, longest)
+    if grown <= window:
+        return replace(state, damped_until=now + longest), ""
+    note = f"; the scale-down {_fmt(now - last)}s ago was premature, scale-down window now {_fmt(grown)}s"
+    return replace(state, scale_down_window=grown, damped_until=now + longest), note
 
 
 def _effective_min(spec: AutoscalingSpec, inp: PolicyInput) -> int:
@@ -190,14 +278,16 @@ def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
         # Demand on unreadable groups is unknown: never recommend less than what exists.
         recommendation = max(recommendation, min(current, spec.max_replicas))
 
-    keep = max(spec.scale_up_stabilization_seconds, spec.scale_down_stabilization_seconds)
     # With no history (first observation, or status lost) the current size counts as recommended just
     # now, so a fresh autoscaler waits a full down-window before removing anything.
     seed = inp.state.recommendations or (Recommendation(inp.now, current),)
-    history = record_recommendation(seed, inp.now, recommendation, keep)
-    state = PolicyState(history, group_capacity=capacity, scale_up_target=inp.state.scale_up_target)
+    history = record_recommendation(seed, inp.now, recommendation, history_seconds(spec))
+    down_window, state = down_window_in_force(
+        spec, inp.state, inp.now, current, seed[-1].replicas, recommendation
+    )
+    state = replace(state, recommendations=history, group_capacity=capacity)
     up_to = min(window_values(history, inp.now, spec.scale_up_stabilization_seconds))
-    down_to = max(window_values(history, inp.now, spec.scale_down_stabilization_seconds))
+    down_to = max(window_values(history, inp.now, down_window))
 
     # Limits a person should know about (ScalingLimited).
     wanted = max(queue_groups, running_groups)
@@ -288,6 +378,8 @@ def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
             )
         else:
             reason, message = "queue_depth", f"{_fmt(waiting)} waiting > {current} × {target} per group"
+        state, note = _after_scale(spec, state, inp.now, "up", down_window)
+        message += note
         return _decision(
             current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
         )
@@ -299,7 +391,7 @@ def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
                 Reason.RATE_LIMITED,
                 f"recommendation {down_to} limited to -{spec.max_scale_down_step} (maxScaleDownStep)",
             )
-        window = spec.scale_down_stabilization_seconds
+        window = _fmt(down_window)
         if desired == 0:
             reason, message = "idle", f"no requests for {window}s, scaling to zero"
         else:
@@ -307,6 +399,7 @@ def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
                 "queue_depth",
                 f"{load} fit in {down_to} groups (highest recommendation of the last {window}s)",
             )
+        state, _ = _after_scale(spec, state, inp.now, "down", down_window)
         return _decision(
             current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
         )

@@ -13,12 +13,14 @@ Entry points (handlers.py wires these; everything else here is an implementation
         source:   MetricSource from make_source (the only side effect here is source.read()).
         now:      datetime (aware, UTC) -- the clock is an argument so tests and the simulation drive it.
         previous: status.autoscaler as last written (defaults to body["status"]["autoscaler"]).
+        last_tick: when the caller last ran a tick for this deployment (its own memory; optional).
         Returns None when the deployment is not due (less than spec.autoscaling.intervalSeconds since
-        status.autoscaler.lastObservationTime): do nothing, not even a scrape happened.
+        the later of status.autoscaler.lastObservationTime and last_tick): do nothing, no scrape happened.
         Otherwise an AutoscaleResult; the caller applies it:
           - result.replicas is not None -> patch spec.replicas through the scale subresource
             (it is None when autoscaling is disabled or the size stays);
-          - result.status -> merge-patch into status: {"autoscaler": {...}, "queueDepth": n} (None when disabled);
+          - result.status -> merge-patch into status: {"autoscaler": {...}, "queueDepth": n}; None when
+            disabled or when the observation changed nothing but the time (steady state: no write);
           - result.conditions -> upsert by type into status.conditions (ScalingActive, ScalingLimited);
             lastTransitionTime is already carried over from body's conditions when the status is unchanged;
           - result.events -> post each (type "Normal"/"Warning", reason, message) on the LingDeployment;
@@ -44,6 +46,8 @@ from ling_operator.autoscale import (
     PolicyState,
     Recommendation,
     decide,
+    history_seconds,
+    prune_recommendations,
 )
 from ling_operator.autoscale_sources import (
     EngineSource,
@@ -148,13 +152,22 @@ def make_source(
     )
 
 
-def is_due(body: Mapping[str, Any], now: datetime, previous: Mapping[str, Any] | None = None) -> bool:
-    """True when intervalSeconds have passed since the last observation (or there was none)."""
+def is_due(
+    body: Mapping[str, Any],
+    now: datetime,
+    previous: Mapping[str, Any] | None = None,
+    last_tick: datetime | None = None,
+) -> bool:
+    """True when intervalSeconds have passed since the last observation (or there was none).
+
+    `last_tick` is the caller's memory of its last look: observations that change nothing are not
+    written, so status.autoscaler.lastObservationTime alone can be older than the last look."""
     if previous is None:
         previous = ((body.get("status") or {}).get("autoscaler")) or {}
-    last = _parse_time(previous.get("lastObservationTime"))
-    if last is None:
+    times = [t for t in (_parse_time(previous.get("lastObservationTime")), last_tick) if t is not None]
+    if not times:
         return True
+    last = max(times)
     # One second of slack: timestamps are stored to the second and timers drift.
     return (now - last).total_seconds() >= _autoscaling_spec(body).interval_seconds - 1
 
@@ -167,10 +180,20 @@ def _state_from_status(previous: Mapping[str, Any]) -> PolicyState:
             runs.append(Recommendation(when.timestamp(), item["replicas"]))
     capacity = previous.get("groupCapacity")
     climb = previous.get("scaleUpTarget")
+    window = previous.get("scaleDownWindowSeconds")
+
+    def stamp(key: str) -> float | None:
+        when = _parse_time(previous.get(key))
+        return None if when is None else when.timestamp()
+
     return PolicyState(
         tuple(runs),
         group_capacity=capacity if isinstance(capacity, int) and capacity > 0 else None,
         scale_up_target=climb if isinstance(climb, int) and climb > 0 else None,
+        scale_down_window=float(window) if isinstance(window, int) and window > 0 else None,
+        last_scale_down=stamp("lastScaleDownTime"),
+        damped_until=stamp("dampedUntil"),
+        below_since=stamp("belowSince"),
     )
 
 
@@ -214,11 +237,34 @@ def _policy_input(
     )
 
 
+def _optional_time(value: float | None) -> str | None:
+    return None if value is None else _rfc3339(value)
+
+
+def _meaningful(autoscaler: Mapping[str, Any], spec: AutoscalingSpec, now: datetime) -> dict[str, Any]:
+    """What of status.autoscaler a person or the policy needs, in a form where equal means equal.
+
+    Left out: lastObservationTime (it changes with every look; writing it would make every interval a
+    write) and explicit nulls (a merge patch deletes keys set to null, so the stored object lacks them).
+    Recommendation runs are compared after pruning at `now`: a run that dropped out of every window
+    changes nothing the windows read."""
+    out = {k: v for k, v in autoscaler.items() if v is not None and k != "lastObservationTime"}
+    for key in ("unreadableGroups", "history", "recommendations"):
+        if not out.get(key):
+            out.pop(key, None)
+    runs = _state_from_status(autoscaler).recommendations
+    pruned = prune_recommendations(runs, now.timestamp(), history_seconds(spec))
+    if pruned:
+        out["recommendations"] = [{"time": _rfc3339(r.time), "replicas": r.replicas} for r in pruned]
+    return out
+
+
 def _status(
     previous: Mapping[str, Any], decision: Decision, reading: SourceReading, current: int, now: datetime
 ) -> dict[str, Any]:
     stamp = _rfc3339(now)
     history = list(previous.get("history") or [])
+    window = decision.state.scale_down_window
     status: dict[str, Any] = {
         "observedQueueDepth": None if reading.total_waiting is None else round(reading.total_waiting),
         "observedRunning": None if reading.total_running is None else round(reading.total_running),
@@ -233,6 +279,10 @@ def _status(
         ],
         "groupCapacity": decision.state.group_capacity,
         "scaleUpTarget": decision.state.scale_up_target,
+        "scaleDownWindowSeconds": None if window is None else round(window),
+        "dampedUntil": _optional_time(decision.state.damped_until),
+        "lastScaleDownTime": _optional_time(decision.state.last_scale_down),
+        "belowSince": _optional_time(decision.state.below_since),
     }
     if decision.direction != "none":
         status["lastScaleTime"] = stamp
@@ -249,6 +299,7 @@ def autoscale_tick(
     source: MetricSource,
     now: datetime,
     previous: Mapping[str, Any] | None = None,
+    last_tick: datetime | None = None,
 ) -> AutoscaleResult | None:
     """One autoscaler step for one LingDeployment (see the module docstring for how to apply it)."""
     if now.tzinfo is None:
@@ -271,7 +322,7 @@ def autoscale_tick(
         )
     if previous is None:
         previous = ((body.get("status") or {}).get("autoscaler")) or {}
-    if not is_due(body, now, previous):
+    if not is_due(body, now, previous, last_tick):
         return None
 
     reading = source.read(groups)
@@ -326,9 +377,14 @@ def autoscale_tick(
     )
 
     autoscaler = _status(previous, decision, reading, current, now)
+    # Steady state causes no writes: an observation that changes nothing a person or the policy needs
+    # (same queue, recommendation, decision, error and policy memory) is not written at all.
+    changed = _meaningful(autoscaler, autoscaling, now) != _meaningful(previous, autoscaling, now)
     return AutoscaleResult(
         replicas=decision.desired if decision.desired != current else None,
-        status={"autoscaler": autoscaler, "queueDepth": autoscaler["observedQueueDepth"]},
+        status={"autoscaler": autoscaler, "queueDepth": autoscaler["observedQueueDepth"]}
+        if changed
+        else None,
         conditions=[active, limited],
         events=events,
         metrics=AutoscaleMetrics(

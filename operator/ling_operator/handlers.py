@@ -83,6 +83,9 @@ class Controller:
         self.queued: set[Key] = set()
         self.timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        # When the autoscaler last looked at each deployment. Looks that change nothing are not written
+        # (steady state causes no writes), so status alone cannot say when the last one was.
+        self.autoscaled_at: dict[Key, datetime] = {}
 
     # -- queue -------------------------------------------------------------------------------------------
 
@@ -191,6 +194,7 @@ class Controller:
         except ApiException as exc:
             if exc.status == 404:
                 metrics.forget_deployment(namespace, name)
+                self.autoscaled_at.pop(key, None)
                 return None
             raise
         body: dict[str, Any] = json.loads(resp.data)
@@ -331,7 +335,12 @@ class Controller:
         groups = observed_groups(body["status"], pods)
         try:
             source = autoscale_controller.make_source(body, read_secret=self._secret_reader(owner))
-            result = autoscale_controller.autoscale_tick(body, groups, source, now)
+            key = (owner.namespace, owner.name)
+            result = autoscale_controller.autoscale_tick(
+                body, groups, source, now, last_tick=self.autoscaled_at.get(key)
+            )
+            if result is not None and result.metrics is not None:
+                self.autoscaled_at[key] = now
         except ValueError as exc:
             cond = {
                 "type": api.ConditionType.SCALING_ACTIVE,

@@ -143,11 +143,37 @@ def failure_of(pod: Mapping[str, Any], rank: int) -> str | None:
     return None
 
 
+# A group that served this long since its last restart starts its backoff over, as the kubelet forgets a
+# container's crash-loop backoff after 10 minutes of running (or maxBackoffSeconds, when that is longer:
+# a group must outlive the longest delay before its failures stop counting as one crash loop).
+BACKOFF_RESET_SECONDS = 600
+
+
 def restart_delay(restarts: int, base: int, maximum: int) -> int:
     """Exponential backoff of the n-th consecutive restart of a group (n >= 1)."""
     if restarts <= 0 or base <= 0:
         return 0
     return int(min(base * 2 ** min(restarts - 1, 30), maximum))
+
+
+def backoff_reset_after(max_backoff: int) -> int:
+    """Seconds a group must stay Ready before its next restart waits `backoffSeconds` again."""
+    return max(BACKOFF_RESET_SECONDS, max_backoff)
+
+
+def next_backoff(previous: int | None, base: int, maximum: int) -> int:
+    """The delay of a group's next restart: `base` first (or after a reset), then double the last one."""
+    if base <= 0:
+        return 0
+    if previous is None or previous <= 0:
+        return min(base, maximum)
+    return min(previous * 2, maximum)
+
+
+def served_long_enough(ready_since: str | None, now: datetime, max_backoff: int) -> bool:
+    """True when the group has been Ready (since `ready_since`) long enough to forget its backoff."""
+    since = parse_time(ready_since)
+    return since is not None and (now - since).total_seconds() >= backoff_reset_after(max_backoff)
 
 
 def _ranks_text(ranks: Iterable[int]) -> str:
@@ -394,9 +420,12 @@ def reconcile(
             "index": g,
             "restarts": int(prev.get("restarts", 0)),
         }
-        for key in ("lastRestartTime", "lastRestartReason", "formingSince"):
+        for key in ("lastRestartTime", "lastRestartReason", "formingSince", "readySince", "backoffSeconds"):
             if prev.get(key):
                 entry[key] = prev[key]
+        if served_long_enough(entry.get("readySince"), now, shape.max_backoff):
+            # Restarts weeks apart are not a crash loop: the next one waits backoffSeconds again.
+            entry.pop("backoffSeconds", None)
         new_status[g] = entry
 
         if view.prev_phase() == "Restarting":
@@ -406,7 +435,10 @@ def reconcile(
                     delete_group(view)  # a restart interrupted before every rank was deleted
                 plan.wake_in(TERMINATING_REQUEUE_SECONDS)
                 continue
-            delay = restart_delay(entry["restarts"], shape.backoff, shape.max_backoff)
+            delay = entry.get("backoffSeconds")
+            if not isinstance(delay, int):
+                # A status written before backoffSeconds existed: the delay followed the restart count.
+                delay = restart_delay(entry["restarts"], shape.backoff, shape.max_backoff)
             started = parse_time(entry.get("lastRestartTime")) or now
             wait = (started + timedelta(seconds=delay) - now).total_seconds()
             if wait > 0:
@@ -433,7 +465,9 @@ def reconcile(
             )
             continue
         entry["restarts"] += 1
-        delay = restart_delay(entry["restarts"], shape.backoff, shape.max_backoff)
+        delay = next_backoff(entry.get("backoffSeconds"), shape.backoff, shape.max_backoff)
+        entry["backoffSeconds"] = delay
+        entry.pop("readySince", None)
         entry["phase"] = "Restarting"
         entry["lastRestartTime"] = format_time(now)
         entry["lastRestartReason"] = f"{message}, restarting group {g} in {delay} s"
@@ -555,6 +589,10 @@ def reconcile(
         phase = entry["phase"]
         prev_phase = view.prev_phase()
         if phase == "Ready":
+            entry.setdefault("readySince", format_time(now))
+        else:
+            entry.pop("readySince", None)  # the backoff reset counts uninterrupted service only
+        if phase == "Ready":
             since = parse_time(entry.pop("formingSince", None))
             if prev_phase != "Ready":
                 took = (now - since).total_seconds() if since else None
@@ -631,6 +669,8 @@ _GROUP_KEYS = (
     "lastRestartTime",
     "lastRestartReason",
     "formingSince",
+    "backoffSeconds",
+    "readySince",
 )
 
 

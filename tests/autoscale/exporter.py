@@ -22,6 +22,7 @@ class EngineMetrics:
 
     def __init__(self, engine: str = "native", model_name: str = "ling") -> None:
         self.engine = engine
+        self.scrapes = 0  # how often it was rendered: proof that a scraper really looked
         if engine == "native":
             self._runtime = RuntimeMetrics(model_name)
             self._render: Callable[[], bytes] = self._runtime.render
@@ -43,6 +44,7 @@ class EngineMetrics:
         self._running.set(running)
 
     def render(self) -> bytes:
+        self.scrapes += 1
         return self._render()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -36,13 +37,25 @@ def body(replicas: int = 2, status: dict[str, Any] | None = None, **autoscaling:
     }
 
 
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 as the API server applies it: a null deletes the key (so stored objects lack it)."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_patch(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
 def apply(doc: dict[str, Any], result: AutoscaleResult) -> dict[str, Any]:
-    """What handlers.py does with a result: scale, merge status, upsert conditions."""
+    """What handlers.py does with a result: scale, merge-patch status, upsert conditions."""
     if result.replicas is not None:
         doc["spec"]["replicas"] = result.replicas
     status = doc.setdefault("status", {})
     if result.status is not None:
-        status.update(result.status)
+        merge_patch(status, result.status)
     conditions = {c["type"]: c for c in status.get("conditions", [])}
     conditions.update({c["type"]: c for c in result.conditions})
     status["conditions"] = list(conditions.values())
@@ -78,7 +91,7 @@ def test_scale_up_event_status_and_conditions(cluster: Any) -> None:
     source, metrics, groups = cluster
     metrics[0].set(20, 16)
     metrics[1].set(17, 16)
-    doc = body(replicas=2)
+    doc = body(replicas=2, maxScaleUpStep=2)
     result = autoscale_tick(doc, groups[:2], source, T0)
     assert result is not None and result.replicas == 4
     assert [(e.type, e.reason, e.message) for e in result.events] == [
@@ -126,7 +139,7 @@ def test_interval_and_state_round_trip_through_status(cluster: Any) -> None:
 
 def test_scale_down_respects_the_window_across_ticks(cluster: Any) -> None:
     source, metrics, groups = cluster
-    doc = body(replicas=3, scaleDownStabilizationSeconds=60)
+    doc = body(replicas=3, scaleDownStabilizationSeconds=60, maxScaleDownStep=1)
     for m in metrics:
         m.set(0, 0)
     sizes = []
@@ -166,11 +179,105 @@ def test_source_error_keeps_size_warns_once(cluster: Any) -> None:
 def test_history_keeps_the_last_ten(cluster: Any) -> None:
     source, metrics, groups = cluster
     old = [{"time": "2026-01-01T11:00:00Z", "from": 1, "to": 2, "reason": "old"}] * 10
-    doc = body(replicas=1, status={"autoscaler": {"history": old}})
+    doc = body(replicas=1, status={"autoscaler": {"history": old}}, maxScaleUpStep=2)
     metrics[0].set(40)
     result = autoscale_tick(doc, groups[:1], source, T0)
     assert result is not None and len(result.status["autoscaler"]["history"]) == 10
     assert result.status["autoscaler"]["history"][-1]["to"] == 3
+
+
+def tick_writes(
+    doc: dict[str, Any],
+    groups: list[ObservedGroup],
+    source: EngineSource,
+    start: datetime,
+    ticks: int,
+    every: float = 15,
+) -> tuple[dict[str, Any], list[int]]:
+    """Run `ticks` autoscaler looks `every` seconds apart; returns the doc and the ticks that wrote status
+    (a status change or a scale: anything the operator would send to the API server)."""
+    wrote = []
+    last: datetime | None = None
+    for n in range(ticks):
+        now = start + timedelta(seconds=every * n)
+        before = json.dumps(doc, sort_keys=True)
+        result = autoscale_tick(doc, groups[: doc["spec"]["replicas"]], source, now, last_tick=last)
+        assert result is not None
+        last = now
+        doc = apply(doc, result)
+        if json.dumps(doc, sort_keys=True) != before:
+            wrote.append(n)
+    return doc, wrote
+
+
+def test_steady_state_zero_queue_writes_nothing_after_the_first_look(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    for m in metrics:
+        m.set(0, 0)
+    doc, wrote = tick_writes(body(replicas=1), groups, source, T0, ticks=40)  # 10 minutes
+    assert wrote == [0]  # the first look records the recommendation run and the conditions, then nothing
+    auto = doc["status"]["autoscaler"]
+    assert auto["observedQueueDepth"] == 0 and auto["lastObservationTime"] == "2026-01-01T12:00:00Z"
+    # Something a person needs changes -> one write, then quiet again.
+    metrics[0].set(3, 1)
+    doc, wrote = tick_writes(doc, groups, source, T0 + timedelta(minutes=10), ticks=8)
+    assert wrote == [0] and doc["status"]["autoscaler"]["observedQueueDepth"] == 3
+
+
+def test_a_scale_down_window_holds_across_unwritten_looks_and_a_restart(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    doc = body(replicas=3, scaleDownStabilizationSeconds=120)
+    metrics[0].set(20, 16)  # 3 groups recommended
+    doc, wrote = tick_writes(doc, groups, source, T0, ticks=2)
+    assert wrote == [0] and doc["spec"]["replicas"] == 3
+    for m in metrics:
+        m.set(0, 0)
+    # The drop is written once (a new recommendation run); the looks after it change nothing.
+    doc, wrote = tick_writes(doc, groups, source, T0 + timedelta(seconds=30), ticks=7)
+    assert wrote == [0] and doc["spec"]["replicas"] == 3
+    runs = doc["status"]["autoscaler"]["recommendations"]
+    assert [r["replicas"] for r in runs] == [3, 1] and runs[1]["time"] == "2026-01-01T12:00:30Z"
+    # An operator started now has only the stored status (no memory of its looks): the window still
+    # counts from 12:00:30, so the scale-down comes at 12:02:30 (120 s), not 120 s after the restart.
+    restarted = json.loads(json.dumps(doc))
+    at = T0 + timedelta(seconds=135)
+    assert autoscale_tick(restarted, groups[:3], source, at).replicas is None  # 105 s of 120
+    down = autoscale_tick(restarted, groups[:3], source, T0 + timedelta(seconds=150))
+    assert down is not None and down.replicas == 1
+
+
+def test_not_due_counts_from_the_last_look_even_when_it_was_not_written(cluster: Any) -> None:
+    source, _, groups = cluster
+    doc = body(replicas=1, status={"autoscaler": {"lastObservationTime": "2026-01-01T11:00:00Z"}})
+    assert is_due(doc, T0)
+    assert not is_due(doc, T0 + timedelta(seconds=5), last_tick=T0)
+    assert autoscale_tick(doc, groups[:1], source, T0 + timedelta(seconds=5), last_tick=T0) is None
+    assert is_due(doc, T0 + timedelta(seconds=15), last_tick=T0)
+
+
+def test_flap_damping_memory_round_trips_through_status(cluster: Any) -> None:
+    source, metrics, groups = cluster
+    doc = body(replicas=1, scaleDownStabilizationSeconds=60, maxScaleDownStep=4)
+    sizes = []
+    # Load: 2 min of demand for 3 groups, 75 s idle, demand again: the scale-down after 60 s idle is
+    # undone 15 s later, so the window in force doubles to 120 s -- and the stored status carries it.
+    for n, waiting in enumerate([20] * 8 + [0] * 5 + [20] * 2):
+        metrics[0].set(waiting, 16 if waiting else 0)
+        result = autoscale_tick(
+            json.loads(json.dumps(doc)),
+            groups[: doc["spec"]["replicas"]],
+            source,
+            T0 + timedelta(seconds=15 * n),
+        )
+        assert result is not None
+        doc = apply(doc, result)
+        sizes.append(doc["spec"]["replicas"])
+    assert sizes == [3] * 12 + [1, 3, 3]
+    auto = doc["status"]["autoscaler"]
+    AutoscalerStatus.model_validate(auto)
+    assert auto["scaleDownWindowSeconds"] == 120 and auto["dampedUntil"] == "2026-01-01T12:07:15Z"
+    assert "premature, scale-down window now 120s" in auto["history"][-1]["reason"]
+    assert "lastScaleDownTime" not in auto  # consumed by the scale-up that undid it
 
 
 def test_make_source_engine_and_prometheus_with_secret() -> None:

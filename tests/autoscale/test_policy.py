@@ -255,3 +255,83 @@ def test_recommendation_history_is_run_length_and_pruned() -> None:
     assert history == (Recommendation(30.0, 3), Recommendation(400.0, 2))
     assert sorted(window_values(history, 400.0, 300)) == [2, 3]
     assert window_values(history, 400.0, 0) == [2]
+
+
+def run_load(
+    s: AutoscalingSpec, loads: list[float], current: int = 1, every: float = 15.0
+) -> tuple[list[int], PolicyState]:
+    """Feed waiting counts every `every` seconds (groups always ready); returns the sizes decided."""
+    state, sizes = PolicyState(), []
+    for n, waiting in enumerate(loads):
+        decision = decide(s, inp(current, waiting, 0, now=every * n, state=state))
+        state, current = decision.state, decision.desired
+        sizes.append(current)
+    return sizes, state
+
+
+# Flap damping, down-window 60 s (4 ticks): bursts needing 3 groups separated by idle gaps.
+BURST, IDLE = [20.0] * 4, [0.0] * 6  # 6 idle ticks = 90 s: longer than the 60 s window
+
+
+def test_a_premature_scale_down_doubles_the_down_window() -> None:
+    s = spec(scaleDownStabilizationSeconds=60, maxScaleUpStep=4, maxScaleDownStep=4)
+    sizes, state = run_load(s, BURST + IDLE + BURST)
+    # Down after the 60 s window (tick 8), undone 30 s later by the next burst: premature.
+    assert sizes == [3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 3, 3, 3, 3]
+    assert state.scale_down_window == 120 and state.last_scale_down is None
+    assert state.damped_until == 150 + 240  # the burst at 150 s + 4 × 60 s
+
+
+def test_a_stretched_window_holds_groups_through_recurring_gaps() -> None:
+    s = spec(scaleDownStabilizationSeconds=60, maxScaleUpStep=4, maxScaleDownStep=4)
+    sizes, state = run_load(s, (BURST + IDLE) * 6 + BURST)
+    changes = sum(1 for a, b in zip([1, *sizes], sizes, strict=False) if a != b)
+    # One flap teaches the policy; after it the 90 s gaps fit in the 120 s window: no more changes.
+    assert changes == 3 and sizes[-30:] == [3] * 30
+    assert state.scale_down_window == 120 and state.damped_until is not None
+
+
+def test_damping_lapses_when_the_load_stops_coming_back() -> None:
+    s = spec(scaleDownStabilizationSeconds=60, maxScaleUpStep=4, maxScaleDownStep=4)
+    sizes, state = run_load(s, BURST + IDLE + BURST + [0.0] * 40)
+    # The stretched 120 s window delays the last scale-down; 4 × 60 s after the damping was last renewed
+    # with no return of the load, the spec's window applies again.
+    last_up = 10
+    down_at = next(n for n in range(last_up, len(sizes)) if sizes[n] == 1)
+    assert (down_at - (last_up + 3)) * 15 >= 120  # the burst's last busy tick + the stretched window
+    assert state.scale_down_window is None and state.damped_until is None
+
+
+def test_damping_never_exceeds_four_windows_and_zero_window_has_none() -> None:
+    s = spec(scaleDownStabilizationSeconds=30, maxScaleUpStep=4, maxScaleDownStep=4)
+    # At the cap (4 × 30 s) a further premature scale-down renews the damping but stretches no more.
+    state = PolicyState(
+        recommendations=(Recommendation(0.0, 1),),
+        scale_down_window=120.0,
+        damped_until=1000.0,
+        last_scale_down=900.0,
+    )
+    up = decide(s, inp(1, 20, 0, now=960.0, state=state))
+    assert up.direction == "up" and up.state.scale_down_window == 120
+    assert up.state.damped_until == 960 + 120 and "premature" not in up.message
+    # A stored window beyond the cap (the spec's window was lowered since) is clamped to it.
+    clamped = decide(s, inp(1, 0, 0, now=960.0, state=PolicyState(scale_down_window=900.0, damped_until=2e3)))
+    assert clamped.state.scale_down_window == 120
+    # With no down-window there is nothing to stretch: every burst scales up and down again.
+    sizes, state = run_load(
+        spec(scaleDownStabilizationSeconds=0, maxScaleDownStep=4), BURST + [0.0] * 3 + BURST
+    )
+    assert sizes == [3, 3, 3, 3, 1, 1, 1, 3, 3, 3, 3] and state.scale_down_window is None
+
+
+def test_a_stretched_window_is_named_in_the_scale_down_message() -> None:
+    s = spec(scaleDownStabilizationSeconds=60, maxScaleUpStep=4, maxScaleDownStep=4)
+    state = PolicyState(
+        recommendations=(Recommendation(0.0, 3), Recommendation(100.0, 1)),
+        scale_down_window=120.0,
+        damped_until=10_000.0,
+    )
+    held = decide(s, inp(3, 0, 0, now=200.0, state=state))  # 100 s of 120: held
+    assert held.direction == "none" and held.state.scale_down_window == 120
+    down = decide(s, inp(3, 0, 0, now=225.0, state=held.state))
+    assert down.direction == "down" and "highest recommendation of the last 120s" in down.message

@@ -239,6 +239,7 @@ def test_engine_source_drives_replicas_through_the_api_server(crd: Any, namespac
         "maxReplicas": 3,
         "targetQueueDepthPerReplica": 4,
         "scaleDownStabilizationSeconds": 30,
+        "maxScaleDownStep": 1,
         "intervalSeconds": 15,
         "source": {"type": "engine", "engine": {"timeoutSeconds": 2}},
     }
@@ -330,6 +331,7 @@ def test_engine_source_drives_replicas_through_the_operator(
         "maxReplicas": 3,
         "targetQueueDepthPerReplica": 4,
         "scaleDownStabilizationSeconds": 3,
+        "maxScaleDownStep": 1,
         "intervalSeconds": 1,
         "source": {"type": "engine", "engine": {"timeoutSeconds": 2}},
     }

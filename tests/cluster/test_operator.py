@@ -7,10 +7,12 @@ ServiceAccount holding exactly charts/ling-operator/files/rbac-rules.yaml.
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ import pytest
 import yaml
 from kubernetes import client
 from ling_operator import api, rendezvous, resources
+
+from tests.autoscale.exporter import EngineMetrics, serve_metrics
 
 if TYPE_CHECKING:
     from conftest import Kube
@@ -211,11 +215,83 @@ def test_each_example_becomes_its_pods_and_services(
         assert all(rank["ready"] and rank["node"] for rank in group["ranks"])
     assert cluster.condition(name, "RendezvousReady")["status"] == "True"
     if spec["autoscaling"]["enabled"]:
-        return  # the autoscaler records each observation (status.autoscaler.lastObservationTime)
+        assert_autoscaled_steady_state_writes_nothing(cluster, name, spec)
+        return
     # steady state causes no writes
     version = cluster.obj(name)["metadata"]["resourceVersion"]
     time.sleep(6)  # longer than the operator's resync period
     assert cluster.obj(name)["metadata"]["resourceVersion"] == version
+
+
+def pin_rank0(cluster: Cluster, name: str, addresses: list[str]) -> dict[int, str]:
+    """Re-address rank-0 pods to loopback addresses (a pod status patch, as a CNI would report it):
+    kwok's pod IPs answer nothing here. Returns group -> the rank-0 IP now reported."""
+    seen = {}
+    for pod in cluster.live_pods(name).values():
+        labels = pod["metadata"]["labels"]
+        if labels[resources.LABEL_RANK] != "0":
+            continue
+        group = int(labels[resources.LABEL_GROUP])
+        ip = (pod.get("status") or {}).get("podIP")
+        if ip and group < len(addresses) and ip != addresses[group]:
+            patch = {"status": {"podIP": addresses[group], "podIPs": [{"ip": addresses[group]}]}}
+            cluster.core.patch_namespaced_pod_status(
+                pod["metadata"]["name"], cluster.ns, patch, _content_type="application/merge-patch+json"
+            )
+            ip = addresses[group]
+        seen[group] = ip
+    return seen
+
+
+def assert_autoscaled_steady_state_writes_nothing(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+    """With the engine source reading a real /metrics (the runtime's own metrics module) that reports an
+    empty queue, the autoscaler keeps looking every interval and the LingDeployment is never written."""
+    groups = spec["replicas"]
+    # Port 30000 is fixed (the operator scrapes it), so the address must be ours alone: another test
+    # session on this machine may run the same test at the same time.
+    net = f"127.{100 + secrets.randbelow(150)}.{secrets.randbelow(250)}"
+    addresses = [f"{net}.{g + 1}" for g in range(groups)]
+    engines = [EngineMetrics("native") for _ in range(groups)]
+    interval = 1
+    # The example looks every 15 s; one look a second makes "a few intervals" fit in a short test.
+    cluster.patch_spec(name, {"autoscaling": {"intervalSeconds": interval}})
+    with ExitStack() as stack:
+        for g in range(groups):
+            stack.enter_context(serve_metrics(engines[g], addresses[g], rendezvous.HTTP_PORT))
+
+        def reads_empty_queue() -> bool:
+            pin_rank0(cluster, name, addresses)
+            obj = cluster.obj(name)
+            status = obj.get("status") or {}
+            auto = status.get("autoscaler") or {}
+            active = next(
+                (c for c in status.get("conditions") or [] if c["type"] == api.ConditionType.SCALING_ACTIVE),
+                {},
+            )
+            # Before any group is ready the engine source reads "0 waiting" without scraping anything:
+            # only a status written after our endpoints were scraped, at this generation, counts.
+            return (
+                all(e.scrapes for e in engines)
+                and auto.get("observedQueueDepth") == 0
+                and not auto.get("sourceError")
+                and (active.get("status"), active.get("reason")) == ("True", "MetricsAvailable")
+                and active.get("observedGeneration") == obj["metadata"]["generation"]
+            )
+
+        wait_for("the autoscaler to read an empty queue from every group", reads_empty_queue, timeout=60)
+        time.sleep(2 * interval)  # a look already under way when the probe passed may still land
+        version = cluster.obj(name)["metadata"]["resourceVersion"]
+        scrapes = sum(e.scrapes for e in engines)
+        window = 10 * interval  # ten intervals, two operator resyncs
+        time.sleep(window)
+        assert pin_rank0(cluster, name, addresses) == dict(enumerate(addresses))  # still reachable
+        looks = sum(e.scrapes for e in engines) - scrapes
+        assert looks >= window // interval // 2, f"the autoscaler looked only {looks} times"
+        obj = cluster.obj(name)
+        assert obj["metadata"]["resourceVersion"] == version, (
+            f"steady state wrote the LingDeployment: {obj['status'].get('autoscaler')}"
+        )
+        assert obj["spec"]["replicas"] == groups
 
 
 @pytest.mark.parametrize("how", ["failed", "deleted"])

@@ -226,6 +226,87 @@ def test_restart_delay(restarts: int, delay: int) -> None:
     assert reconcile.restart_delay(restarts, 10, 300) == delay
 
 
+def fail_and_restart(world: World, after: float) -> dict[str, Any]:
+    """Let group 0 serve for `after` seconds, kill rank 1, and return group 0's status after the restart."""
+    world.now += timedelta(seconds=after)
+    world.pods["ling-0-1"] = exited(world.pods["ling-0-1"], 1)
+    plan = world.step(0)
+    failed = group(plan, 0)
+    world.kubelet()
+    world.now += timedelta(seconds=failed["backoffSeconds"])
+    world.converge()
+    return failed
+
+
+def test_backoff_doubles_while_failures_come_soon_after_the_group_is_ready() -> None:
+    world = steady(base_spec(replicas=1))
+    assert "backoffSeconds" not in group(world.step(0), 0)  # never restarted: nothing to remember
+    delays = [fail_and_restart(world, after=30)["backoffSeconds"] for _ in range(7)]
+    assert delays == [10, 20, 40, 80, 160, 300, 300]
+    assert world.status["groups"][0]["restarts"] == 7  # the count keeps growing; only the delay resets
+
+
+def test_backoff_resets_after_the_group_served_long_enough() -> None:
+    world = steady(base_spec(replicas=1))
+    for _ in range(5):
+        fail_and_restart(world, after=30)
+    assert world.status["groups"][0]["backoffSeconds"] == 160
+    ready_since = world.status["groups"][0]["readySince"]
+    # Ready for 9 minutes 59 s: still the same crash loop, the delay doubles.
+    world.now = reconcile.parse_time(ready_since) + timedelta(seconds=599)
+    assert fail_and_restart(world, after=0)["backoffSeconds"] == 300
+    # Ready for 10 minutes (longer than maxBackoffSeconds 300): the next restart waits backoffSeconds again.
+    world.now = reconcile.parse_time(world.status["groups"][0]["readySince"]) + timedelta(seconds=600)
+    failed = fail_and_restart(world, after=0)
+    assert failed["backoffSeconds"] == 10
+    assert failed["lastRestartReason"].endswith("restarting group 0 in 10 s")
+    assert failed["restarts"] == 7
+
+
+def test_backoff_reset_waits_for_max_backoff_when_that_is_longer() -> None:
+    world = steady(base_spec(replicas=1, failurePolicy={"maxBackoffSeconds": 3600}))
+    for _ in range(3):
+        fail_and_restart(world, after=30)
+    assert fail_and_restart(world, after=1800)["backoffSeconds"] == 80  # 30 min < maxBackoffSeconds
+    assert fail_and_restart(world, after=3600)["backoffSeconds"] == 10
+
+
+def test_ready_since_marks_uninterrupted_service_and_causes_no_writes_in_steady_state() -> None:
+    world = steady(base_spec(replicas=1))
+    entry = world.status["groups"][0]
+    assert entry["phase"] == "Ready" and entry["readySince"]
+    later = run(world.spec, world.status, list(world.pods.values()), world.now + timedelta(hours=5))
+    assert later.status["groups"] == world.status["groups"]  # nothing to write while nothing changes
+    # A group that stops being ready loses readySince (the reset counts uninterrupted service only),
+    # and a long service before that still resets the backoff when it then fails.
+    world.status["groups"][0]["backoffSeconds"] = 300
+    world.now += timedelta(hours=1)
+    world.pods["ling-0-1"] = running(world.pods["ling-0-1"])  # readiness failing
+    loading = world.step(0)
+    assert group(loading, 0)["phase"] == "Loading" and "readySince" not in group(loading, 0)
+    assert "backoffSeconds" not in group(loading, 0)
+    world.pods["ling-0-1"] = exited(world.pods["ling-0-1"], 1)
+    assert group(world.step(0), 0)["backoffSeconds"] == 10
+
+
+@pytest.mark.parametrize(("previous", "delay"), [(None, 10), (0, 10), (10, 20), (160, 300), (300, 300)])
+def test_next_backoff(previous: int | None, delay: int) -> None:
+    assert reconcile.next_backoff(previous, 10, 300) == delay
+    assert reconcile.next_backoff(previous, 0, 300) == 0  # backoffSeconds 0: restart at once
+
+
+def test_a_restarting_group_from_an_older_status_waits_by_its_restart_count() -> None:
+    world = steady(base_spec(replicas=1))
+    t_fail = world.now
+    world.pods["ling-0-1"] = exited(world.pods["ling-0-1"], 1)
+    world.step(0)
+    world.kubelet()
+    old = {**world.status, "groups": [{**world.status["groups"][0], "restarts": 3}]}
+    del old["groups"][0]["backoffSeconds"]  # written before the field existed
+    waiting = run(world.spec, old, list(world.pods.values()), t_fail + timedelta(seconds=30))
+    assert not waiting.create_pods and waiting.requeue_after == pytest.approx(10)  # 40 s for restart 3
+
+
 def test_rendezvous_deadline_restarts_the_group_naming_missing_ranks() -> None:
     spec = base_spec(failurePolicy={"rendezvousTimeoutSeconds": 60})
     first = run(spec, {}, [])
