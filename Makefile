@@ -43,5 +43,5 @@ test: setup tools ## every test: fast, cluster and end-to-end (starts the contro
 run: setup tools ## bring up the local cluster with the operator and a tiny deployment, and talk to it
 	@bash hack/run.sh
 
-down: ## stop everything `make run` started
-	@bash hack/cluster.sh down
+down: ## stop everything `make run` started (operator, executor, cluster)
+	@bash hack/run.sh down
