@@ -65,6 +65,7 @@ class ServeArgs:
     api_key: str | None = None
     seed: int = 0
     log_level: str = "info"
+    disable_cuda_graph: bool = False
 
     @property
     def speculative(self) -> bool:
@@ -159,6 +160,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-length", type=_positive_int("--context-length"), default=None)
     p.add_argument("--json-model-override-args", type=_json_object, default={})
     p.add_argument("--trust-remote-code", action="store_true")
+    # SGLang's name: decode steps replay CUDA graphs on --device cuda unless this is given.
+    p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None)
     p.add_argument("--speculative-algorithm", choices=SPEC_ALGORITHMS, default=None)
     p.add_argument("--speculative-num-steps", type=_positive_int("--speculative-num-steps"), default=None)

@@ -2,7 +2,8 @@
 
 Per step: roll back linear state after the previous verify (`commit`), zero new slots, run the MTP
 layer over positions whose next token became known and draft from it, then one target pass over
-the step's tokens (plus drafts). Every rank computes the same drafts: logits are identical on all
+the step's tokens (plus drafts). On CUDA a plain decode step's target pass is one CUDA-graph replay
+(`enable_cuda_graphs`, engine/cuda_graphs.py); everything else runs eagerly. Every rank computes the same drafts: logits are identical on all
 ranks after the collectives, so a greedy draft needs no extra broadcast.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ling_runtime.engine.cuda_graphs import DecodeGraphs
 from ling_runtime.engine.plan import SeqResult, SeqWork, StepPlan, StepResult
 from ling_runtime.model.batch import ForwardBatch
 
@@ -29,6 +31,18 @@ class ModelRunner:
         self.device = device
         self.return_logits = return_logits  # only rank 0 hands logits back
         self._hidden: dict[int, _Hidden] = {}
+        self.graphs: DecodeGraphs | None = None
+        self.graph_steps = 0  # target passes served by a replay (tests and benchmarks read it)
+
+    def enable_cuda_graphs(
+        self, max_batch: int, max_pages: int, scratch_page: int, buckets: list[int] | None = None
+    ) -> None:
+        """Capture decode graphs for batch buckets up to ``max_batch`` (see ``DecodeGraphs``)."""
+        graphs = DecodeGraphs(
+            self.model, self.cache, self.device, max_batch, max_pages, scratch_page, buckets
+        )
+        graphs.capture()
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -92,7 +106,19 @@ class ModelRunner:
         return drafts
 
     # ---- the target pass --------------------------------------------------------------------------
+    def _graph_bucket(self, works: tuple[SeqWork, ...], drafts: list[list[int]]) -> int | None:
+        """A captured bucket when this target pass is a plain decode step: one token per sequence,
+        no drafts, no new sequence (its slot must be zeroed first, which the eager path does)."""
+        if self.graphs is None or not works:
+            return None
+        if any(len(w.tokens) != 1 or d or w.start == 0 for w, d in zip(works, drafts, strict=True)):
+            return None
+        return self.graphs.bucket_for(len(works), max(len(w.pages) for w in works))
+
     def _target(self, works: tuple[SeqWork, ...], drafts: list[list[int]]) -> StepResult:
+        bucket = self._graph_bucket(works, drafts)
+        if bucket is not None:
+            return self._target_graph(works, bucket)
         tokens = [list(w.tokens) + d for w, d in zip(works, drafts, strict=True)]
         verify = any(d for d in drafts)
         batch = ForwardBatch.build(
@@ -122,3 +148,26 @@ class ModelRunner:
             results.append(SeqResult(part, drafts[b]))
             at += n
         return StepResult(results)
+
+    def _target_graph(self, works: tuple[SeqWork, ...], bucket: int) -> StepResult:
+        assert self.graphs is not None
+        hidden, logits = self.graphs.replay(
+            [w.tokens[0] for w in works],
+            [w.start for w in works],
+            [w.slot for w in works],
+            [list(w.pages) for w in works],
+            bucket,
+        )
+        self.graph_steps += 1
+        if getattr(self.model, "enable_mtp", False):
+            # Copies: the static outputs are overwritten by the next replay.
+            for b, w in enumerate(works):
+                self._hidden[w.slot] = _Hidden(w.start, hidden[b : b + 1].clone())
+        wanted = [b for b, w in enumerate(works) if w.logits > 0]
+        host = logits.cpu() if (wanted and self.return_logits) else None  # the step's one sync
+        return StepResult(
+            [
+                SeqResult(host[b : b + 1] if (host is not None and w.logits > 0) else None, [])
+                for b, w in enumerate(works)
+            ]
+        )

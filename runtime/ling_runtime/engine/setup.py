@@ -40,6 +40,7 @@ class RuntimeSpec:
     max_running_requests: int = 64
     chunked_prefill_size: int = 256
     seed: int = 0
+    cuda_graph: bool = True  # decode CUDA graphs on cuda (off: --disable-cuda-graph)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -92,6 +93,7 @@ def runtime_spec(args: ServeArgs, model_dir: str) -> RuntimeSpec:
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         seed=args.seed,
+        cuda_graph=not args.disable_cuda_graph,
     )
 
 
@@ -115,11 +117,20 @@ def build_runner(spec: RuntimeSpec, tp_rank: int = 0, tp_size: int = 1, tp_group
         enable_mtp=spec.num_draft_steps > 0,
     )
     model.eval()
+    graphs = spec.cuda_graph and device.type == "cuda" and model.use_kernels
     cache = model.make_cache(
         num_slots=spec.num_slots,
-        num_pages=spec.num_pages,
+        # One page more than the engine hands out: the graphs' padding rows write there.
+        num_pages=spec.num_pages + int(graphs),
         page_size=spec.page_size,
         max_spec_tokens=spec.num_draft_steps + 1 if spec.num_draft_steps else 0,
     )
     runner = ModelRunner(model, cache, device, return_logits=tp_rank == 0)
+    if graphs:
+        lookahead = spec.num_draft_steps + 1
+        runner.enable_cuda_graphs(
+            max_batch=min(spec.max_running_requests, spec.num_slots),
+            max_pages=-(-(spec.context_length + lookahead) // spec.page_size),
+            scratch_page=spec.num_pages,
+        )
     return runner, time.monotonic() - started

@@ -21,7 +21,7 @@ rows = key dim, columns = value dim; ``slope[H]`` = per-head decay rate (lambda 
   int32, ``has_initial[N]`` (0 = start from a zero state); final states are written to the slots.
   The chunked one keeps per-chunk states in bf16 by default (``states_dtype=torch.float32`` to
   keep them in fp32; measured no accuracy difference at real sizes).
-- ``lightning_slopes(H, layer_idx, num_layers)``: vLLM/SGLang slope convention.
+- ``lightning_slopes(H, layer_idx, num_layers)``: the model's slopes (``model.lightning``), re-exported.
 
 MoE (``moe``); experts stacked with the shared expert last: ``w13[E+1, 2I, hidden]`` (gate rows
 then up rows), ``w2[E+1, hidden, I]``:

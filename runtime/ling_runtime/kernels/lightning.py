@@ -512,6 +512,9 @@ def lightning_prefill(
 
 
 def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    """Per-head decay rates, vLLM/SGLang convention: 2^(-8(h+1)/H) * (1 - l/(L-1) + 1e-5)."""
-    base = torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)])
-    return base * (1.0 - layer_idx / (num_layers - 1) + 1e-5)
+    """Per-head decay rates: the model's convention (``ling_runtime.model.lightning.lightning_slopes``),
+    re-exported so kernels and model cannot drift: ALiBi interleaving for non-power-of-two head
+    counts and no division by zero for a single layer."""
+    from ling_runtime.model.lightning import lightning_slopes as model_slopes
+
+    return model_slopes(num_heads, layer_idx, num_layers)

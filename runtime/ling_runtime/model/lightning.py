@@ -173,6 +173,7 @@ class LightningAttention(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.rope_mscale = mscale
+        self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
 
     def qkv(
         self, x: torch.Tensor, positions: torch.Tensor
@@ -190,11 +191,15 @@ class LightningAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
-        q, k, v = self.qkv(x, batch.positions)
         if batch.keep_linear_states and cache.spec_linear_state is None:
             raise ValueError(
                 "max_spec_tokens: keep_linear_states needs a cache built with max_spec_tokens > 0"
             )
+        if self.use_kernels:
+            mode = self._kernel_mode(batch, cache)
+            if mode is not None:
+                return self._forward_kernels(x, batch, cache, mode)
+        q, k, v = self.qkv(x, batch.positions)
         if batch.is_decode:
             out = self._decode(q, k, v, batch, cache)
         else:
@@ -252,3 +257,83 @@ class LightningAttention(nn.Module):
             o, new_state = lightning_attention_reference(q, k, v, self.slopes, state, self.chunk_size)
         cache.linear_state[li, slot] = new_state
         return o
+
+    # ---- Triton path (CUDA; CPU only under TRITON_INTERPRET=1 in tests) ----------------------------
+    def _kernel_mode(self, batch: ForwardBatch, cache: LingCache) -> str | None:
+        """Which kernel serves this batch, from host-side lengths only (no device sync, graph-safe):
+        ``decode`` (one token each), ``verify`` (equal short verify chunks keeping per-position
+        states), ``prefill`` (packed varlen). None: a verify batch mixed with longer prefill chunks,
+        which the reference handles sequence by sequence."""
+        if batch.is_decode:
+            return "decode"
+        if not batch.keep_linear_states:
+            return "prefill"
+        n = batch.seq_lens[0]
+        same = all(m == n for m in batch.seq_lens)
+        if same and n <= cache.max_spec_tokens and all(p > 0 for p in batch.prefix_lens):
+            return "verify"
+        return None
+
+    def _forward_kernels(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: LingCache, mode: str
+    ) -> torch.Tensor:
+        from ling_runtime import kernels as K
+
+        t, lh, d = x.shape[0], self.local_heads, self.head_dim
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale)
+        qkv = torch.nn.functional.linear(x, self.query_key_value.weight)
+        if self.query_layernorm is not None and self.key_layernorm is not None and _pow2(d):
+            # One launch: per-head RMSNorm + partial NeoX RoPE (cos/sin carry the YaRN mscale).
+            q, k, v = K.qk_norm_rope(
+                qkv, self.query_layernorm.weight, self.key_layernorm.weight, cos, sin, lh,
+                self.query_layernorm.eps,
+            )  # fmt: skip
+            scale = self.scale
+        else:
+            q, k, v = self.qkv(x, batch.positions)  # already scaled; kernels want equal strides
+            q, k, v, scale = q.contiguous(), k.contiguous(), v.contiguous(), 1.0
+        li = self.linear_index
+        pool = cache.linear_state[li]  # [slots, h, D, D] fp32, contiguous: the kernels' slot pool
+        slots = batch.state_slots
+        if mode == "decode":
+            fresh = [s for s, p in zip(batch.slots, batch.prefix_lens, strict=True) if p == 0]
+            if fresh:  # a new sequence never sees a stale slot (host list: no sync)
+                pool[fresh] = 0.0
+            # Zeros, not empty: CUDA-graph padding rows (slot -1) are skipped by the kernel and
+            # must not feed garbage (NaN) into the router of the padded rows.
+            out = torch.zeros_like(q)
+            K.lightning_decode(q, k, v, pool, slots, self.slopes, scale, out=out, block_v=min(32, d))
+            if batch.keep_linear_states and cache.max_spec_tokens >= 1:
+                assert cache.spec_linear_state is not None
+                cache.spec_linear_state[li, slots, 0] = pool[slots]
+        elif mode == "verify":
+            b, n = batch.batch_size, batch.seq_lens[0]
+            o, inter = K.lightning_verify(
+                q.view(b, n, lh, d), k.view(b, n, lh, d), v.view(b, n, lh, d), pool, slots, self.slopes,
+                scale, block_v=min(32, d),
+            )  # fmt: skip
+            assert cache.spec_linear_state is not None
+            cache.spec_linear_state[li, slots, :n] = inter
+            pool[slots] = inter[:, -1]  # as the reference: the pool holds the last state until commit
+            out = o.view(t, lh, d)
+        else:
+            has_initial = torch.tensor(
+                [int(p > 0) for p in batch.prefix_lens], dtype=torch.int32, device=x.device
+            )
+            blk = min(64, d)
+            out = K.lightning_prefill_chunked(
+                q, k, v, pool, slots, batch.cu_seqlens.to(torch.int32), has_initial, self.slopes, scale,
+                chunk=min(64, self.chunk_size), block_k=blk, block_v=blk, block_v_out=blk,
+            )  # fmt: skip
+        o = out.reshape(t, -1)
+        gate = self.g_proj(x)
+        group = o.shape[1] // self.g_norm.groups
+        if _pow2(group):
+            y = K.group_rmsnorm_gate(o, gate, self.g_norm.weight, group, self.g_norm.eps)
+        else:
+            y = (self.g_norm(o).float() * torch.sigmoid(gate.float())).to(x.dtype)
+        return self.dense(y.to(x.dtype))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -98,6 +98,8 @@ class LingForCausalLM(nn.Module):
     of it to full-vocabulary float32 logits (gathered over TP). With ``enable_mtp`` the NEXTN layer
     is built and loaded, and ``mtp_forward`` runs it (its cache must be built with ``include_mtp``).
     ``chunk_size`` is the Lightning prefill chunk. All ranks must call every method together.
+    ``use_kernels`` (default: on for CUDA, off for CPU) swaps the plain-torch hot paths for the Triton
+    kernels of ``ling_runtime.kernels`` where the batch's shape allows (see ``set_use_kernels``).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class LingForCausalLM(nn.Module):
         enable_mtp: bool = False,
         expert_parallel: bool = False,
         chunk_size: int = 64,
+        use_kernels: bool | None = None,
     ) -> None:
         super().__init__()
         config.validate_tp(tp_size, expert_parallel)
@@ -130,6 +133,17 @@ class LingForCausalLM(nn.Module):
             if enable_mtp
             else None
         )
+        self.use_kernels = False
+        self.set_use_kernels(self.device.type == "cuda" if use_kernels is None else use_kernels)
+
+    def set_use_kernels(self, flag: bool) -> None:
+        """Route Lightning decode/verify/prefill, MLA absorbed decode, the router + grouped MoE and
+        the small fused ops through Triton (True) or the plain-torch references (False). On CPU the
+        kernels only run under ``TRITON_INTERPRET=1`` (tests)."""
+        self.use_kernels = flag
+        for m in self.modules():
+            if m is not self and hasattr(m, "use_kernels"):
+                m.use_kernels = flag
 
     @classmethod
     def from_pretrained(
@@ -164,9 +178,28 @@ class LingForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
         batch = self._on_device(batch, cache)
         h = self.model.word_embeddings(batch.input_ids)
+        if self.use_kernels and _pow2(self.config.hidden_size):
+            return self._forward_fused_norms(h, batch, cache)
         for layer in self.model.layers:
             h = layer(h, batch, cache)
         return self.model.norm(h)
+
+    def _forward_fused_norms(self, h: torch.Tensor, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
+        """The same pre-norm blocks with every residual add fused into the next RMSNorm (one
+        ``add_rmsnorm`` launch each, residual updated in place), vLLM/SGLang style."""
+        from ling_runtime.kernels import add_rmsnorm
+
+        layers = self.model.layers
+        residual = h.contiguous()
+        y = layers[0].input_layernorm(residual)
+        for i, layer in enumerate(layers):
+            a = layer.attention(y, batch, cache)
+            ln2 = layer.post_attention_layernorm
+            y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
+            m = layer.mlp(y)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            y, residual = add_rmsnorm(m.contiguous(), residual, nxt.weight, nxt.eps)
+        return y
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -191,4 +224,11 @@ class LingForCausalLM(nn.Module):
         if self.config.mla_layer_ids or self.mtp is not None:
             cache.check_block_tables(batch.seq_lens, batch.prefix_lens, int(batch.block_tables.shape[1]))
         # Accept host-built batches; the engine builds them on the device to skip this copy.
-        return batch if batch.input_ids.device == self.device else batch.to(self.device)
+        # "cuda" and "cuda:0" are the same place: a copy here would also break CUDA-graph capture.
+        d = batch.input_ids.device
+        same = d.type == self.device.type and (self.device.index is None or d.index == self.device.index)
+        return batch if same else batch.to(self.device)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -162,6 +162,7 @@ class MLAttention(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.rope_mscale = mscale
+        self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [h, nope, r], W_UV [h, v, r]) of this rank's heads, views of kv_b_proj."""
@@ -183,7 +184,9 @@ class MLAttention(nn.Module):
         k_pe = apply_rope_interleaved(kv[:, None, self.rank :], cos, sin)[:, 0]
         latent = torch.cat([c_kv, k_pe], dim=-1)
         w_uk, w_uv = self.absorbed_weights()
-        if batch.is_decode:
+        if batch.is_decode and self.use_kernels:
+            out = self._decode_kernel(q_nope, q_pe, latent, w_uk, w_uv, batch, cache)
+        elif batch.is_decode:
             out = self._decode(q_nope, q_pe, latent, w_uk, w_uv, batch, cache)
         else:
             out = torch.empty(t, self.local_heads, self.vdim, dtype=torch.float32, device=x.device)
@@ -225,3 +228,43 @@ class MLAttention(nn.Module):
         pages = cache.mla_kv[self.mla_index, batch.block_tables[:, :n_pages]]  # [B, n_pages, ps, kv]
         histories = pages.reshape(batch.batch_size, n_pages * ps, -1)[:, :longest]
         return mla_decode_batched_reference(q_nope, q_pe, histories, pos + 1, w_uk, w_uv, self.scale)
+
+    def _kernel_fits(self, page_size: int) -> bool:
+        def pow2(n: int) -> bool:
+            return n >= 16 and n & (n - 1) == 0
+
+        return pow2(self.rope) and pow2(self.rank) and pow2(min(64, page_size))
+
+    def _decode_kernel(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent: torch.Tensor,
+        w_uk: torch.Tensor,
+        w_uv: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LingCache,
+    ) -> torch.Tensor:
+        """Absorbed decode over the paged cache with the split-K Triton kernel: no gather of padded
+        histories and no host-side lengths, so it is CUDA-graph safe (lengths = positions + 1)."""
+        from ling_runtime.kernels import mla_decode
+
+        ps = cache.page_size
+        kv = cache.mla_kv[self.mla_index]  # [pages, page_size, r + rope]
+        rows = torch.arange(batch.batch_size, device=latent.device)
+        pos = batch.positions
+        kv[batch.block_tables[rows, pos // ps], pos % ps] = latent.to(kv.dtype)
+        if not self._kernel_fits(ps):
+            # Shapes the kernel's tl.dot cannot take (rope or page < 16, e.g. the built-in tiny
+            # model): the same math over the whole block-table width, masked on device, so this
+            # path needs no host-side lengths either and stays CUDA-graph safe.
+            hist = kv[batch.block_tables].reshape(batch.batch_size, -1, kv.shape[-1])
+            return mla_decode_batched_reference(q_nope, q_pe, hist, pos + 1, w_uk, w_uv, self.scale)
+        # q~ = q_nope W_UK per head as one batched matmul over heads: [h, B, nope] @ [h, nope, r].
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)
+        q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv.dtype).contiguous()
+        u = mla_decode(
+            q, kv, batch.block_tables, pos + 1, self.scale, kv_lora_rank=self.rank, block_n=min(64, ps)
+        )
+        # o = u W_UV^T per head: [h, B, r] @ [h, r, v].
+        return torch.bmm(u.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)

@@ -150,6 +150,9 @@ class SparseMoE(nn.Module):
             if cfg.num_shared_experts > 0
             else None
         )
+        self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._zero_bias = torch.zeros(n, dtype=torch.float32, device=device)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.gate.weight)
@@ -165,8 +168,84 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and self._kernel_ok(x):
+            return self._forward_kernels(x)
         weights, ids = self.route(x)
         out = experts_reference(x, weights, ids, self.w13, self.w2, self.first_expert)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
         return self.tp.all_reduce(out).to(x.dtype)
+
+    # ---- Triton path ---------------------------------------------------------------------------------
+    # The grouped kernel compacts each expert's token rows in registers (a decode kernel): above this
+    # many tokens (prefill chunks) the plain path is used.
+    MAX_KERNEL_TOKENS = 128
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        c = self.cfg
+        return (
+            x.shape[0] <= self.MAX_KERNEL_TOKENS
+            and self.first_expert == 0
+            and self.w13.shape[0] == c.num_experts  # no expert parallelism (ids are global)
+            and c.norm_topk_prob  # the fused router always renormalises
+            and c.num_experts % c.n_group == 0
+            and self._stackable()
+        )
+
+    def _stackable(self) -> bool:
+        """The shared expert joins the grouped launch as expert E only if its shard has the routed
+        experts' shape (Ling: shared intermediate == moe intermediate)."""
+        if self.shared_experts is None:
+            return True
+        return (
+            self.shared_experts.gate_up_proj.weight.shape == self.w13.shape[1:]
+            and self.shared_experts.down_proj.weight.shape == self.w2.shape[1:]
+        )
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E(+1), 2I, H], w2 [E(+1), H, I]) with the shared expert last, as ``fused_moe`` wants.
+
+        Built once: the parameters are re-pointed at views of the stacked storage, so memory is not
+        doubled and a later in-place weight load (``copy_``) still lands in what the kernel reads.
+        """
+        if self._stacked is not None and self._stacked[0].data_ptr() == self.w13.data_ptr():
+            return self._stacked
+        if self.shared_experts is None:
+            self._stacked = (self.w13.data, self.w2.data)
+            return self._stacked
+        gu, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
+        w13 = torch.cat([self.w13.data, gu.data[None]], dim=0)
+        w2 = torch.cat([self.w2.data, down.data[None]], dim=0)
+        e = self.w13.shape[0]
+        self.w13.data, self.w2.data = w13[:e], w2[:e]
+        gu.data, down.data = w13[e], w2[e]
+        self._stacked = (w13, w2)
+        return self._stacked
+
+    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        from ling_runtime.kernels import fused_moe, moe_route
+
+        c = self.cfg
+        w13, w2 = self.stacked_weights()
+        logits = F.linear(x.float(), self.gate.weight)
+        bias = self.gate.expert_bias if self.gate.expert_bias is not None else self._zero_bias
+        ids, weights = moe_route(
+            logits,
+            bias,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.routed_scaling_factor,
+            append_shared=self.shared_experts is not None,
+        )
+        inter, hid = w2.shape[2], w2.shape[1]
+        out = fused_moe(
+            x.contiguous(),
+            w13,
+            w2,
+            ids,
+            weights,
+            block_n=(min(64, inter), min(64, hid)),
+            block_k=(min(128, hid), min(128, inter)),
+        )
+        return self.tp.all_reduce(out.float()).to(x.dtype) if self.tp.size > 1 else out
