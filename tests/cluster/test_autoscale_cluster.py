@@ -6,7 +6,7 @@ RuntimeMetrics) served over loopback HTTP (tests/autoscale/exporter.py).
 - prometheus source, through the operator: a real Prometheus (Debian's package, hack/prometheus.sh)
   scrapes such an endpoint; the operator (a subprocess, `python -m ling_operator`) queries it with basic
   auth read from a Secret and moves spec.replicas up and down through /scale.
-- engine source, through the operator: kwok gives pods 10.244.x.y addresses that nothing here answers,
+- engine source, through the operator: kwok gives pods loopback addresses (127.244.x.y) where nothing listens,
   so the test re-addresses each rank-0 pod (a pod status patch, as a CNI would report it) to a loopback
   address where a group's /metrics listens on port 30000; the operator scrapes them and scales 1 -> 3 -> 1.
 - engine source, through the controller alone against the API server (read, scrape, /scale, status):
@@ -320,8 +320,8 @@ def test_engine_source_drives_replicas_through_the_api_server(crd: Any, namespac
 def test_engine_source_drives_replicas_through_the_operator(
     crd: Any, namespace: str, operator: subprocess.Popen[bytes]
 ) -> None:
-    """The operator scrapes rank-0 /metrics on port 30000 at the pods' IPs. kwok gives pods 10.244.x.y,
-    which nothing here answers, so the test re-addresses each rank-0 pod (a status patch, as a CNI would
+    """The operator scrapes rank-0 /metrics on port 30000 at the pods' IPs. kwok gives pods loopback
+    addresses (127.244.x.y) where nothing listens, so the test re-addresses each rank-0 pod (a status patch, as a CNI would
     report it) to a loopback address where a /metrics server of the runtime's metrics module listens."""
     kube = crd
     name = "auto-engine-op"
