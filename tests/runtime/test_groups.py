@@ -1,38 +1,57 @@
 """Tensor-parallel groups as real processes: TP 2 with the mp launcher, and TP 2 split over two Ray
 nodes on loopback (node rank 0 = Ray head + HTTP, node rank 1 = `ray start --address` + /health).
-Killing one rank's process must turn /health to 503 within seconds."""
+Killing one rank's process must turn /health to 503 within seconds.
+
+Ray's gcs_server and raylet listen on every interface whatever `--node-ip-address` says, so every test
+here that starts Ray runs its runtime processes in a private network namespace with only loopback
+(tests/netns.py) and makes its HTTP calls from a thread inside that namespace."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import torch
 from ling_runtime.model import LingForCausalLM, greedy_generate
 
+from tests.netns import NetNamespace
+
 from .conftest import free_port
 
 pytestmark = pytest.mark.slow
 PROMPT = list(range(20, 60))
+T = TypeVar("T")
+# Ray's listening daemons by the names `ss -p` shows.
+RAY_DAEMONS = ("gcs_server", "raylet")
 
 
-def spawn(argv: list[str], log: Path) -> subprocess.Popen:
+def host(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run an HTTP call in the test's own (host) namespace; `NetNamespace.run` is the other `via`."""
+    return fn(*args, **kwargs)
+
+
+def spawn(argv: list[str], log: Path, ns: NetNamespace | None = None) -> subprocess.Popen:
+    """Start `ling-runtime serve argv`, inside `ns` when given (required for anything that starts Ray)."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "ling_runtime", "serve", *argv]
     with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ling_runtime", "serve", *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group: cleanup never touches anything else
-        )
+        # start_new_session: its own process group, so cleanup never touches anything else.
+        kwargs: dict[str, Any] = {
+            "stdout": out,
+            "stderr": subprocess.STDOUT,
+            "env": env,
+            "start_new_session": True,
+        }
+        return ns.popen(cmd, **kwargs) if ns is not None else subprocess.Popen(cmd, **kwargs)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -45,14 +64,16 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
+def wait_healthy(
+    url: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float, via: Callable = host
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc, log in zip(procs, logs, strict=True):
             if proc.poll() is not None:
                 pytest.fail(f"runtime exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if via(httpx.get, f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -60,28 +81,28 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], logs: list[Path], time
     pytest.fail(f"{url} not healthy after {timeout}s:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
 
 
-def wait_503(url: str, within_s: float) -> float:
+def wait_503(url: str, within_s: float, via: Callable = host) -> float:
     started = time.monotonic()
     while time.monotonic() - started < within_s:
-        if httpx.get(f"{url}/health", timeout=2).status_code == 503:
+        if via(httpx.get, f"{url}/health", timeout=2).status_code == 503:
             return time.monotonic() - started
         time.sleep(0.2)
     pytest.fail(f"/health still 200 {within_s}s after a rank died")
 
 
-def expected(url: str) -> list[int]:
+def expected(url: str, via: Callable = host) -> list[int]:
     """Greedy decode by the model itself from the checkpoint the server loaded (TP 1)."""
-    model_dir = httpx.get(f"{url}/get_model_info", timeout=10).json()["model_path"]
+    model_dir = via(httpx.get, f"{url}/get_model_info", timeout=10).json()["model_path"]
     oracle = LingForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return greedy_generate(oracle, PROMPT, 10)
 
 
-def generate(url: str) -> dict:
+def generate(url: str, via: Callable = host) -> dict:
     body = {
         "input_ids": PROMPT,
         "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True},
     }
-    return httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    return via(httpx.post, f"{url}/generate", json=body, timeout=60).json()
 
 
 @pytest.fixture
@@ -107,8 +128,36 @@ def test_mp_tp2_group_answers_and_fails_health_when_a_rank_dies(mp_group) -> Non
     assert "1 of 2 ranks are down" in httpx.get(f"{url}/health", timeout=5).json()["reason"]
 
 
+def listening_processes(ss_output: str) -> set[tuple[str, int]]:
+    """(name, pid) of every process in `ss -ltnp` output: `users:(("raylet",pid=12,fd=30),...)`."""
+    return {(m[1], int(m[2])) for m in re.finditer(r'\("([^"]+)",pid=(\d+),', ss_output)}
+
+
+def assert_ray_confined(ns: NetNamespace) -> None:
+    """Ray's daemons listen inside the namespace (so the check below is not vacuous), and no process of
+    the namespace listens in the host namespace (`ss` there shows only host-namespace sockets).
+    Matched by pid, not by name: another Ray on this machine (a parallel e2e run, say) may
+    legitimately show a `raylet` in the host namespace."""
+    inside = ns.listeners()
+    ours = set(ns.pids())
+    daemons = {(name, pid) for name, pid in listening_processes(inside) if name in RAY_DAEMONS}
+    assert {name for name, _ in daemons} == set(RAY_DAEMONS), inside
+    assert {pid for _, pid in daemons} <= ours, (daemons, ours)
+    host = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=True, timeout=30).stdout
+    leaked = {(name, pid) for name, pid in listening_processes(host) if pid in ours}
+    assert not leaked, host
+
+
 @pytest.fixture
-def ray_group(tmp_path: Path, builtin_dir) -> Iterator[tuple[str, str, list[subprocess.Popen], list[Path]]]:
+def netns() -> Iterator[NetNamespace]:
+    with NetNamespace() as ns:
+        yield ns
+
+
+@pytest.fixture
+def ray_group(
+    tmp_path: Path, builtin_dir, netns: NetNamespace
+) -> Iterator[tuple[str, str, list[subprocess.Popen], list[Path]]]:
     ray_port, dist_port, head_http, worker_http = free_port(), free_port(), free_port(), free_port()
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     ray_tmp = Path(f"/tmp/lrt{os.getpid()}")
@@ -128,6 +177,7 @@ def ray_group(tmp_path: Path, builtin_dir) -> Iterator[tuple[str, str, list[subp
             f"{ray_tmp}/1",
         ],
         logs[1],
+        netns,
     )
     head = spawn(
         [
@@ -142,6 +192,7 @@ def ray_group(tmp_path: Path, builtin_dir) -> Iterator[tuple[str, str, list[subp
             f"{ray_tmp}/0",
         ],
         logs[0],
+        netns,
     )
     try:
         yield f"http://127.0.0.1:{head_http}", f"http://127.0.0.2:{worker_http}", [head, worker], logs
@@ -151,17 +202,19 @@ def ray_group(tmp_path: Path, builtin_dir) -> Iterator[tuple[str, str, list[subp
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
 
 
-def test_ray_tp2_over_two_nodes_answers_and_detects_a_dead_rank(ray_group) -> None:
+def test_ray_tp2_over_two_nodes_answers_and_detects_a_dead_rank(ray_group, netns: NetNamespace) -> None:
     head_url, worker_url, procs, logs = ray_group
-    wait_healthy(head_url, procs, logs, timeout=180)
-    assert httpx.get(f"{worker_url}/health", timeout=5).status_code == 200
-    assert generate(head_url)["output_ids"] == expected(head_url)
-    info = httpx.get(f"{head_url}/get_server_info", timeout=10).json()
+    via = netns.run
+    wait_healthy(head_url, procs, logs, timeout=180, via=via)
+    assert via(httpx.get, f"{worker_url}/health", timeout=5).status_code == 200
+    assert_ray_confined(netns)
+    assert generate(head_url, via)["output_ids"] == expected(head_url, via)
+    info = via(httpx.get, f"{head_url}/get_server_info", timeout=10).json()
     assert info["ranks_alive"] == 2 and len(info["worker_pids"]) == 1
     # SIGKILL node rank 1's runtime process (what a pod crash is): its Ray node and the TP actor on it
     # must go down with it, and the head must notice.
     os.kill(procs[1].pid, signal.SIGKILL)
-    assert wait_503(head_url, within_s=15) < 15
+    assert wait_503(head_url, within_s=15, via=via) < 15
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and _alive(info["worker_pids"][0]):
         time.sleep(0.2)
@@ -176,7 +229,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_rendezvous_deadline_names_the_missing_node_rank(tmp_path: Path, builtin_dir) -> None:
+def test_rendezvous_deadline_names_the_missing_node_rank(
+    tmp_path: Path, builtin_dir, netns: NetNamespace
+) -> None:
     argv = [
         "--tp-size",
         "2",
@@ -197,7 +252,7 @@ def test_rendezvous_deadline_names_the_missing_node_rank(tmp_path: Path, builtin
     ]
     argv += ["--host", "127.0.0.1", "--port", str(free_port())]
     log = tmp_path / "rank0.log"
-    proc = spawn(argv, log)
+    proc = spawn(argv, log, netns)
     try:
         assert proc.wait(timeout=120) == 3
     finally:
