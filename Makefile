@@ -19,7 +19,7 @@ cluster-up: tools setup ## start the local control plane (loopback only) with si
 	@bash hack/cluster.sh up
 
 cluster-down: ## stop the local control plane and remove everything it made
-	@bash hack/cluster.sh down
+	@bash hack/run.sh down
 
 cluster-status: ## say what of the local control plane runs
 	@bash hack/cluster.sh status
