@@ -97,6 +97,16 @@ ensure_objects() {
   done
   kc wait --for=condition=Established crd/stages.kwok.x-k8s.io --timeout=30s >/dev/null
   kc apply -f "$HERE/kwok/stages/" >/dev/null
+  # A node's pod CIDR is immutable, so a simulated node left from an older nodes.yaml (another
+  # address layout) is deleted and created again; the pod GC collects pods that were bound to it.
+  local node cidr have
+  while read -r node cidr; do
+    have=$(kc get node "$node" -o jsonpath='{.spec.podCIDR}' 2>/dev/null || true)
+    if [ -n "$have" ] && [ "$have" != "$cidr" ]; then
+      say "recreating simulated node $node (pod CIDR $have -> $cidr)"
+      kc delete node "$node" --wait=true >/dev/null
+    fi
+  done < <(awk '/^  name: /{n=$2} /^  podCIDR: /{print n, $2}' "$HERE/kwok/nodes.yaml")
   # Client-side apply creates a missing node with its status (GPU capacity); an existing one is kept.
   kc apply -f "$HERE/kwok/nodes.yaml" >/dev/null
   kc wait --for=condition=Ready node -l type=kwok --timeout=90s >/dev/null ||
