@@ -489,6 +489,8 @@ def reconcile(
 
     slots = set(views)
     old = {g for g in slots if not is_new(g)}
+    prev_desired = status.get("desiredReplicas")
+    scaling_up = not isinstance(prev_desired, int) or shape.replicas > prev_desired
     allowed_total = shape.replicas + (shape.max_surge if old else 0)
     removed: set[int] = set()
 
@@ -556,13 +558,21 @@ def reconcile(
         to_create.add(index)
         occupied += 1
         new_count += 1
-        plan.events.append(
-            Event(
+        # A new group is a scale-up only when spec.replicas rose above what was desired before;
+        # otherwise it replaces a group (a rollout with surge), and the event must not read as scaling.
+        if scaling_up:
+            event = Event(
                 "Normal",
                 Reason.SCALING_UP,
                 f"creating group {index} ({shape.pods} pods, revision {desired_rev})",
             )
-        )
+        else:
+            event = Event(
+                "Normal",
+                Reason.ROLLING_UPDATE,
+                f"creating group {index} at revision {desired_rev} to replace an outdated or removed group",
+            )
+        plan.events.append(event)
 
     for g in sorted(to_create):
         view = views[g]

@@ -423,6 +423,25 @@ def test_scale_up_then_down_by_whole_groups() -> None:
     assert plan.status["replicas"] == 1
 
 
+def test_events_tell_a_scale_up_from_a_surge_replacement() -> None:
+    world = steady(base_spec(replicas=1))
+    world.spec = base_spec(replicas=2)
+    plan = world.step()
+    assert [e.reason for e in plan.events if "creating group" in e.message] == ["ScalingUp"]
+    world.kubelet()
+    world.converge()
+    rollout = {"maxUnavailable": 1, "maxSurge": 1}
+    world.spec = base_spec(replicas=2, rollout=rollout)
+    world.converge()
+    world.spec = base_spec(replicas=2, rollout=rollout, speculative={"enabled": True})
+    creations: list[str] = []
+    for _ in range(40):
+        plan = world.step()
+        creations += [e.reason for e in plan.events if "creating group" in e.message]
+        world.kubelet()
+    assert creations and set(creations) == {"RollingUpdate"}, creations
+
+
 def test_scale_down_removes_not_ready_groups_first() -> None:
     world = steady(base_spec(replicas=3))
     world.pods["ling-0-0"] = running(world.pods["ling-0-0"])  # group 0 not ready
