@@ -31,7 +31,14 @@ step() {
     exit 2
   fi
   say "$name ..."
-  if ! "$@" >"$log" 2>&1; then
+  # Not `if ! "$@"`: bash ignores errexit inside a function called as a condition, so a failing
+  # `go get` in the middle of a step would not stop it. A subshell outside any condition keeps -e.
+  local rc=0
+  set +e
+  ( set -e; "$@" ) >"$log" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then
     echo "error: step '$name' failed; last lines of $log:" >&2
     tail -n 25 "$log" >&2
     echo "full log: $log   (re-run 'make tools' to resume)" >&2
