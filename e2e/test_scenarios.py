@@ -6,7 +6,7 @@ scales it up and, after the window, back down, (c) a killed rank restarts its wh
 it, (d) MTP off and on rolls one group at a time with identical greedy answers, (e) the operator is
 killed mid-rollout and converges after a restart, (f) delete removes every pod, Service and process.
 Each asserts on what a user observes (kubectl, events, metrics, the openai client). The measured
-seconds go to bench/results/e2e-<date>.json.
+seconds go to bench/results/e2e-<date>.json when LING_RECORD_E2E=1.
 
 Sized for a 2-core machine: at most 2 groups (4 pods), maxRunningRequests 1 so a burst of requests
 queues, short autoscaling windows.
@@ -188,7 +188,8 @@ def user(kube, ns: str, executor: ExecutorHandle, op: OperatorRunner) -> Iterato
 
 
 def _write_results() -> None:
-    if not RESULTS:
+    # Recording is opt-in: a test run must not rewrite tracked files (CI, a developer's `make test`).
+    if not RESULTS or os.environ.get("LING_RECORD_E2E") != "1":
         return
     stamp = datetime.now(UTC)
     commit = subprocess.run(
