@@ -25,6 +25,7 @@ import json
 import math
 import random
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -124,14 +125,14 @@ def _poisson(rng: random.Random, lam: float) -> int:
 # Autoscalers: given (now, current, observations) return the new size.
 
 
-class Autoscaler:
+class Autoscaler(ABC):
     name = ""
     interval = 15
 
+    @abstractmethod
     def step(
         self, now: float, current: int, groups: list[GroupObservation], waiting: int, running: int
-    ) -> int:
-        raise NotImplementedError
+    ) -> int: ...
 
 
 @dataclass
