@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from ling_runtime.kernels.moe import fused_moe, moe_route_ref
 from ling_runtime.kernels.norms import (
     add_rmsnorm,
+    add_rmsnorm_partials,
+    add_rmsnorm_partials_ref,
     add_rmsnorm_ref,
     group_rmsnorm_gate,
     group_rmsnorm_gate_ref,
@@ -14,6 +18,7 @@ from ling_runtime.kernels.norms import (
 )
 from ling_runtime.kernels.sampling import sample, sample_ref
 
+from tests.kernels.test_moe import make_experts
 from tests.kernels.util import relerr
 
 
@@ -25,6 +30,67 @@ def test_add_rmsnorm_updates_residual(gen: torch.Generator) -> None:
     y, r = add_rmsnorm(x, res, w, 1e-6)
     assert r is res and relerr(res, ref_r) < 1e-2  # in place; within a bf16 ulp
     assert relerr(y, ref_y) < 1e-2
+
+
+def test_add_rmsnorm_partials_matches_reference(gen: torch.Generator) -> None:
+    # Slot magnitudes spread over 1e4, so a dropped or double-counted slot is far off.
+    scale = torch.tensor([1.0, 100.0, 0.01, 3.0, 30.0])[None, :, None]
+    full = torch.randn(3, 5, 512, generator=gen) * scale
+    p = full[:, :, :256]  # strided rows, as a workspace slice would be
+    res = torch.randn(3, 256, generator=gen).bfloat16()
+    res0 = res.clone()
+    w = torch.rand(256, generator=gen) + 0.5
+    ref_y, ref_r = add_rmsnorm_partials_ref(p, res, w, 1e-6)
+    y, r = add_rmsnorm_partials(p, res, w, 1e-6)
+    # Within two bf16 ulps: the interpreter's fp32 -> bf16 casts truncate, torch's round.
+    assert r is res and relerr(res, ref_r) < 1e-2
+    torch.testing.assert_close(res.float(), ref_r.float(), rtol=2**-6, atol=0.0)
+    # fp32 residual (no roundings): the same fp32 adds in the same slot order, so bit-exact.
+    res32 = res0.float()
+    want = add_rmsnorm_partials_ref(p, res32, w, 1e-6)[1]
+    assert torch.equal(add_rmsnorm_partials(p, res32, w, 1e-6)[1], want)
+    assert y.dtype == torch.bfloat16 and relerr(y, ref_y) < 1e-2
+    # The unfused path it replaces (sum, cast, add_rmsnorm) agrees up to fp32 summation order.
+    old_y, old_r = add_rmsnorm(p.sum(1).bfloat16(), res0, w, 1e-6)
+    assert relerr(old_r, r) < 1e-2 and relerr(old_y, y) < 1e-2
+    # Reading every slot: the last one alone moves the result.
+    p2 = p.clone()
+    p2[:, -1] += 1.0
+    assert relerr(add_rmsnorm_partials(p2, res0.clone(), w, 1e-6)[1], r) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("bsz", "dense_shared", "fp8"), [(2, False, False), (20, True, False), (3, False, True)]
+)
+def test_fused_moe_partials_sum_to_reduced_output(
+    gen: torch.Generator, bsz: int, dense_shared: bool, fp8: bool
+) -> None:
+    n_routed, hid, inter = 8, 64, 32
+    w13, w2, s13, s2 = make_experts(gen, n_routed, hid, inter, fp8, 32)
+    x = torch.randn(bsz, hid, generator=gen).bfloat16()
+    logits = torch.randn(bsz, n_routed, generator=gen)
+    ids, w = moe_route_ref(logits, torch.zeros(n_routed), top_k=2, n_group=4, topk_group=2, scaling=2.5)
+    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared, w13_scale=s13,
+              w2_scale=s2, grouped={"block_m": 16, "block_n": (32, 32), "block_k": (32, 32)} if fp8 else None)  # fmt: skip
+    reduced = fused_moe(x, w13, w2, ids, w, **kw)
+    parts = fused_moe(x, w13, w2, ids, w, reduce=False, **kw)
+    assert parts.shape == (bsz, ids.shape[1], hid) and parts.dtype == torch.float32
+    assert relerr(parts.sum(1).bfloat16(), reduced) < 1e-2
+    # Every slot is filled (the shared column too, where it runs outside the grouped kernels).
+    assert (parts.abs().amax(-1) > 0).all()
+    res = torch.randn(bsz, hid, generator=gen).bfloat16()
+    lw = torch.rand(hid, generator=gen) + 0.5
+    y, r = add_rmsnorm_partials(parts, res.clone(), lw, 1e-6)
+    old_y, old_r = add_rmsnorm(reduced, res.clone(), lw, 1e-6)
+    assert relerr(r, old_r) < 1e-2 and relerr(y, old_y) < 1e-2
+
+
+def test_fused_moe_partials_refused_by_grouped_path(gen: torch.Generator) -> None:
+    w13, w2, _, _ = make_experts(gen, 4, 64, 32, False, 32)
+    x = torch.randn(4, 64, generator=gen).bfloat16()
+    ids = torch.tensor([[0, 4], [1, 4], [2, 4], [3, 4]])
+    with pytest.raises(AssertionError, match="reduce=False"):
+        fused_moe(x, w13, w2, ids, torch.ones(4, 2), grouped_from=2, reduce=False)
 
 
 def test_group_rmsnorm_gate(gen: torch.Generator) -> None:

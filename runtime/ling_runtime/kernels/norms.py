@@ -1,5 +1,6 @@
-"""Small fused ops of a decode step: residual add + RMSNorm, QK-norm + partial NeoX RoPE, and the
-Lightning output's group RMSNorm + sigmoid gate. At decode sizes these are launch-bound, so the
+"""Small fused ops of a decode step: residual add + RMSNorm (also straight from the MoE's fp32
+per-slot partials), QK-norm + partial NeoX RoPE, and the Lightning output's group RMSNorm +
+sigmoid gate. At decode sizes these are launch-bound, so the
 win is doing each in one kernel (reference/performance.md §3d)."""
 
 from __future__ import annotations
@@ -49,6 +50,61 @@ def add_rmsnorm(
     _add_rmsnorm_kernel[(rows,)](
         x, residual, weight, out, eps, x.stride(0), residual.stride(0), out.stride(0), N=n, num_warps=8
     )
+    return out, residual
+
+
+def add_rmsnorm_partials_ref(
+    partials: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rmsnorm_ref(partials.sum(1), residual, ...)`` with the S partials [B, S, H] (fp32)
+    summed in slot order 0..S-1 and that sum rounded to the residual dtype before the add, as the
+    unfused path (``fused_moe`` reduce, ``.to(bf16)``, ``add_rmsnorm``) rounds it. Not in place."""
+    acc = partials[:, 0].float()
+    for s in range(1, partials.shape[1]):
+        acc = acc + partials[:, s].float()
+    y, r = add_rmsnorm_ref(acc.to(residual.dtype), residual.clone(), weight, eps)
+    return y.to(residual.dtype), r
+
+
+@triton.jit
+def _add_rmsnorm_partials_kernel(
+    p_ptr, r_ptr, w_ptr, y_ptr, eps, stride_pb, stride_ps, stride_r, stride_y, S: tl.constexpr, N: tl.constexpr
+):  # fmt: skip
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    src = p_ptr + row.to(tl.int64) * stride_pb + offs
+    # Unrolled, so all S loads are in flight together; the adds stay in slot order (deterministic).
+    acc = tl.load(src)
+    for s in tl.static_range(1, S):
+        acc += tl.load(src + s * stride_ps)
+    m = acc.to(r_ptr.dtype.element_ty).to(tl.float32)
+    r = (m + tl.load(r_ptr + row * stride_r + offs).to(tl.float32)).to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * stride_r + offs, r)
+    rf = r.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / N + eps)
+    y = rf * inv * tl.load(w_ptr + offs).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty))
+
+
+def add_rmsnorm_partials(
+    partials: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rmsnorm`` of an un-reduced MoE output: partials [B, S, H] fp32 (``fused_moe(...,
+    reduce=False)``) are summed in slot order in the same launch, so the separate reduce and cast
+    launches disappear. Updates ``residual`` in place; returns (y in the residual dtype, residual)."""
+    rows, slots, n = partials.shape
+    assert partials.dtype == torch.float32 and partials.stride(2) == 1
+    assert residual.shape == (rows, n) and residual.stride(1) == 1 and triton.next_power_of_2(n) == n
+    if out is None:
+        out = torch.empty_like(residual)
+    _add_rmsnorm_partials_kernel[(rows,)](
+        partials, residual, weight, out, eps, partials.stride(0), partials.stride(1), residual.stride(0),
+        out.stride(0), S=slots, N=n, num_warps=8,
+    )  # fmt: skip
     return out, residual
 
 
