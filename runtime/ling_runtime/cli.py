@@ -39,6 +39,7 @@ class ServeArgs:
     port: int = DEFAULT_PORT
     dtype: str = "auto"
     device: str = "cpu"
+    quantization: str | None = None
     context_length: int | None = None
     json_model_override_args: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
@@ -156,6 +157,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int("--port"), default=DEFAULT_PORT)
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument(
+        "--quantization",
+        choices=("fp8",),
+        default=None,
+        help="fp8: block-scaled FP8 weights (128x128), quantized on load from a bf16 checkpoint",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--context-length", type=_positive_int("--context-length"), default=None)
     p.add_argument("--json-model-override-args", type=_json_object, default={})

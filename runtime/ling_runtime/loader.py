@@ -4,14 +4,17 @@ Every model parameter carries ``ckpt_pieces``: the checkpoint tensors (and the r
 fill it on this rank. The loader opens each file lazily and reads only those regions through
 ``safe_open(...).get_slice`` so a rank's peak memory is about its shard, never the whole model.
 Block-scaled FP8 weights (``<name>.weight`` float8_e4m3fn + ``<name>.weight_scale_inv``, the official
-FP8 release / DeepSeek-V3 layout) are dequantized on load. A missing, unexpected or mis-shaped tensor
+FP8 release / DeepSeek-V3 layout) are dequantized on load into parameters of a high-precision dtype,
+and copied as they are (weight and its block scales, this rank's 128-block-aligned slices) into FP8
+parameters (``model.linear.make_weight``); a high-precision checkpoint tensor loaded into an FP8
+parameter is quantized block-wise after its pieces are assembled. A missing, unexpected or mis-shaped tensor
 stops the load with the key and both shapes named.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,12 +182,16 @@ class _Reader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._file(key).get_slice(key).get_shape())
 
-    def read(self, key: str, src: tuple[slice, ...]) -> torch.Tensor:
+    def read(self, key: str, src: tuple[slice, ...], raw: bool = False) -> torch.Tensor:
+        """The ``src`` window of ``key``; FP8 tensors dequantized unless ``raw``."""
         t = self._file(key).get_slice(key)[src]
-        scale_key = key.removesuffix("weight") + "weight_scale_inv"
-        if key.endswith(".weight") and scale_key in self.weight_map:
-            t = self._dequant(t, scale_key, src)
+        if not raw and self.scale_key(key) in self.weight_map:
+            t = self._dequant(t, self.scale_key(key), src)
         return t
+
+    @staticmethod
+    def scale_key(key: str) -> str:
+        return key.removesuffix("weight") + "weight_scale_inv" if key.endswith(".weight") else key + "#"
 
     def _dequant(self, t: torch.Tensor, scale_key: str, src: tuple[slice, ...]) -> torch.Tensor:
         br, bc = self.fp8_block or (128, 128)
@@ -236,28 +243,90 @@ def load_weights(
     reader = _Reader(weight_map, cfg.fp8_block_size)
     used: set[str] = set()
     elements = 0
+
+    def source(piece: Piece, name: str) -> str:
+        """The checkpoint's name for ``piece.key``, after checking it exists with the expected shape."""
+        if piece.key not in stored:
+            raise CheckpointError(
+                f"{piece.key}: missing from the checkpoint (needed by parameter {name}, "
+                f"expected shape {list(piece.shape)})"
+            )
+        key = stored[piece.key]
+        found = reader.shape(key)
+        if found != piece.shape:
+            raise CheckpointError(
+                f"{piece.key}: checkpoint shape {list(found)} != model shape {list(piece.shape)}"
+            )
+        used.add(piece.key)
+        return key
+
     try:
         with torch.no_grad():
             for name, param in list(model.named_parameters()) + list(model.named_buffers()):
                 pieces: list[Piece] | None = getattr(param, "ckpt_pieces", None)
-                if pieces is None:
+                if pieces is None or hasattr(param, "ckpt_scale_of"):
+                    continue  # an FP8 scale is filled together with its weight
+                scale = getattr(param, "ckpt_scale", None)
+                if scale is not None:
+                    elements += _load_fp8(param, scale, pieces, name, reader, source, cfg.fp8_block_size)
                     continue
                 for piece in pieces:
-                    if piece.key not in stored:
-                        raise CheckpointError(
-                            f"{piece.key}: missing from the checkpoint (needed by parameter {name}, "
-                            f"expected shape {list(piece.shape)})"
-                        )
-                    key = stored[piece.key]
-                    found = reader.shape(key)
-                    if found != piece.shape:
-                        raise CheckpointError(
-                            f"{piece.key}: checkpoint shape {list(found)} != model shape {list(piece.shape)}"
-                        )
-                    data = reader.read(key, piece.src)
+                    data = reader.read(source(piece, name), piece.src)
                     param[piece.dst].copy_(data.to(param.dtype))
-                    used.add(piece.key)
                     elements += data.numel()
     finally:
         reader.close()
     return LoadReport(tensors=len(used), elements=elements)
+
+
+def _load_fp8(
+    param: torch.Tensor,
+    scale: torch.Tensor,
+    pieces: list[Piece],
+    name: str,
+    reader: _Reader,
+    source: Callable[[Piece, str], str],
+    ckpt_block: tuple[int, int] | None,
+) -> int:
+    """Fill an FP8 weight and its block scales; returns the elements read.
+
+    Stored FP8 with the model's block: weight bytes and scale slices are copied as they are. Anything
+    else (a bf16 checkpoint, or another block size): read high precision, quantize per block."""
+    block: tuple[int, int] = param.fp8_block  # type: ignore[attr-defined]
+    keys = [source(p, name) for p in pieces]
+    raw = ckpt_block == block and all(reader.scale_key(k) in reader.weight_map for k in keys)
+    elements = 0
+    if raw and hasattr(param, "ckpt_scale_error"):
+        raise CheckpointError(param.ckpt_scale_error)  # type: ignore[attr-defined]
+    if raw:
+        for piece, spiece, key in zip(pieces, scale.ckpt_pieces, keys, strict=True):  # type: ignore[attr-defined]
+            data = reader.read(key, piece.src, raw=True)
+            param[piece.dst].copy_(data.to(param.dtype))
+            skey = reader.scale_key(key)
+            found = reader.shape(skey)
+            if found != spiece.shape:
+                raise CheckpointError(
+                    f"{skey}: checkpoint shape {list(found)} != {list(spiece.shape)} "
+                    f"(weight {list(piece.shape)} in {list(block)} blocks)"
+                )
+            scale[spiece.dst].copy_(reader.read(skey, spiece.src).float())
+            elements += data.numel()
+        return elements
+    from ling_runtime.model.linear import quantize_blocks
+
+    # Quantize per leading index (one expert at a time for the stacked experts) to bound memory.
+    groups: dict[int | None, list[tuple[Piece, str]]] = {}
+    for piece, key in zip(pieces, keys, strict=True):
+        lead = piece.dst[0].start if param.dim() == 3 else None
+        groups.setdefault(lead, []).append((piece, key))
+    for lead, members in groups.items():
+        shape = param.shape[1:] if lead is not None else param.shape
+        buf = torch.zeros(shape, dtype=torch.float32)
+        for piece, key in members:
+            data = reader.read(key, piece.src)
+            buf[piece.dst[1:] if lead is not None else piece.dst].copy_(data.float())
+            elements += data.numel()
+        q, s = quantize_blocks(buf, block)
+        (param[lead] if lead is not None else param).copy_(q)
+        (scale[lead] if lead is not None else scale).copy_(s)
+    return elements

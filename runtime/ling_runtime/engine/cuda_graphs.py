@@ -7,11 +7,20 @@ into the first ``n`` rows of the smallest bucket ``>= n`` and pads the rest so t
 computes harmlessly: slot ``-1`` (the Lightning decode kernel skips it) and a block table pointing
 at a scratch page that no sequence owns (the MLA latent write of a padding row lands there).
 Everything inside the graph is the model's Triton path, which reads lengths from device tensors
-only (no host synchronisation inside a step). Prefill, verify and oversize steps run eagerly.
+only (no host synchronisation inside a step). Prefill and oversize steps run eagerly; MTP draft and
+verify steps have their own graphs (engine/spec_graphs.py).
+
+The replay samples too (``sample_on_device``: greedy, or temperature by Gumbel-max over uniform
+noise drawn on the device with the graph-safe default generator), so a step hands back token ids;
+the logits stay in a static buffer for callers that want them (host sampling, logprobs).
+
+``eager=True`` runs the same bodies without capturing (any device): the CPU tests compare them with
+the runner's eager path, since a capture needs a GPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +40,58 @@ def graph_buckets(max_batch: int) -> list[int]:
     return out
 
 
+def sample_on_device(
+    model: torch.nn.Module, logits: torch.Tensor, temperature: torch.Tensor | None
+) -> torch.Tensor:
+    """Token ids [N] int64 from float32 logits [N, V]: greedy where ``temperature`` is 0 (or None:
+    all greedy, no noise drawn), else a draw from softmax(logits / T). No host read (graph-safe)."""
+    from ling_runtime.kernels.sampling import sample_ref
+
+    if temperature is None:
+        if getattr(model, "use_kernels", False):
+            from ling_runtime.kernels import sample
+
+            zero = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+            return sample(logits, zero).long()
+        return torch.argmax(logits, dim=-1)
+    uniform = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
+    if getattr(model, "use_kernels", False):
+        from ling_runtime.kernels import sample
+
+        return sample(logits, temperature, uniform).long()
+    return sample_ref(logits, temperature, uniform).long()
+
+
+def capture_graphs(
+    device: torch.device, keys: list[int], body: Callable[[int], object], eager: bool
+) -> dict[int, torch.cuda.CUDAGraph | None]:
+    """Capture ``body(key)`` once per key (largest first, one shared memory pool), after two eager
+    warm-up calls that compile the Triton kernels for the shape. ``eager``: capture nothing (None)."""
+    out: dict[int, torch.cuda.CUDAGraph | None] = {}
+    if eager:
+        return {key: None for key in keys}
+    pool = torch.cuda.graph_pool_handle()
+    for key in sorted(keys, reverse=True):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body(key)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body(key)
+        out[key] = graph
+    torch.cuda.synchronize(device)
+    return out
+
+
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: eager mode (the body runs at each "replay")
     hidden: torch.Tensor  # [bucket, hidden] static output of the replay
     logits: torch.Tensor  # [bucket, vocab] float32
+    tokens: torch.Tensor  # [bucket] int64 sampled with the per-row temperature
 
 
 class DecodeGraphs:
@@ -51,10 +107,11 @@ class DecodeGraphs:
         max_pages: int,
         scratch_page: int,
         buckets: list[int] | None = None,
+        eager: bool = False,
     ) -> None:
-        if device.type != "cuda":
+        if device.type != "cuda" and not eager:
             raise ValueError(f"CUDA graphs need a cuda device, got {device}")
-        if not getattr(model, "use_kernels", False):
+        if not getattr(model, "use_kernels", False) and not eager:
             # The plain-torch decode reads host-side lengths, which a replay would not update.
             raise ValueError("CUDA graphs need the model's Triton path (use_kernels=True)")
         self.model = model
@@ -68,6 +125,8 @@ class DecodeGraphs:
         self.positions = torch.zeros(top, dtype=torch.int64, device=device)
         self.slots = torch.full((top,), -1, dtype=torch.int64, device=device)
         self.tables = torch.full((top, max_pages), scratch_page, dtype=torch.int64, device=device)
+        self.temperature = torch.zeros(top, dtype=torch.float32, device=device)  # 0 = greedy
+        self.eager = eager
         self._graphs: dict[int, _Captured] = {}
         self._batches: dict[int, ForwardBatch] = {}
 
@@ -81,35 +140,37 @@ class DecodeGraphs:
             prefix_lens=[1] * b,
             state_slots=self.slots[:b],
             block_tables=self.tables[:b],
+            graph_safe=True,
         )
 
-    def _step(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured step of bucket ``b``: static buffers in, (hidden, logits, tokens) out."""
+        batch = self._batches[b]
         hidden = self.model(batch, self.cache)
-        return hidden, self.model.compute_logits(hidden).float()
+        logits = self.model.compute_logits(hidden).float()
+        return hidden, logits, sample_on_device(self.model, logits, self.temperature[:b])
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
-        pool = torch.cuda.graph_pool_handle()
         # Padding everywhere while capturing: warm-up and capture only touch the scratch page.
         self.slots.fill_(-1)
         self.tables.fill_(self.scratch_page)
         self.positions.zero_()
         self.input_ids.zero_()
-        for b in reversed(self.buckets):
-            batch = self._batch(b)  # built outside the capture (its __post_init__ reads the host)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile the Triton kernels for this shape before capturing
-                    self._step(batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden, logits = self._step(batch)
-            self._graphs[b] = _Captured(graph, hidden, logits)
-            self._batches[b] = batch
-        torch.cuda.synchronize(self.device)
+        self.temperature.zero_()
+        for b in self.buckets:
+            self._batches[b] = self._batch(b)  # built outside the capture (__post_init__ reads the host)
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def run(b: int) -> None:
+            outputs[b] = self.body(b)
+
+        graphs = capture_graphs(self.device, self.buckets, run, self.eager)
+        for b, graph in graphs.items():
+            if graph is None:  # eager: outputs come from each call; placeholders until then
+                outputs[b] = (torch.empty(0), torch.empty(0), torch.empty(0))
+            self._graphs[b] = _Captured(graph, *outputs[b])
 
     def bucket_for(self, n: int, widest_table: int) -> int | None:
         """The captured bucket for a decode step of ``n`` sequences, or None (run it eagerly)."""
@@ -121,19 +182,37 @@ class DecodeGraphs:
         return None
 
     def replay(
-        self, tokens: list[int], positions: list[int], slots: list[int], pages: list[list[int]], bucket: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of ``len(tokens)`` sequences: (hidden [n, H], logits [n, V]) views of the
-        static outputs, valid until the next replay."""
+        self,
+        tokens: list[int],
+        positions: list[int],
+        slots: list[int],
+        pages: list[list[int]],
+        bucket: int,
+        temperatures: list[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step of ``len(tokens)`` sequences: (hidden [n, H], logits [n, V], sampled
+        tokens [n]) views of the static outputs, valid until the next replay. ``temperatures``
+        (default all 0 = greedy) selects each row's sampling."""
         n, b = len(tokens), bucket
         pad = b - n
         self.input_ids[:b].copy_(torch.tensor(tokens + [0] * pad, dtype=torch.int64), non_blocking=True)
         self.positions[:b].copy_(torch.tensor(positions + [0] * pad, dtype=torch.int64), non_blocking=True)
         self.slots[:b].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int64), non_blocking=True)
-        table = torch.full((b, self.max_pages), self.scratch_page, dtype=torch.int64)
-        for i, row in enumerate(pages):
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        self.tables[:b].copy_(table, non_blocking=True)
+        self.tables[:b].copy_(padded_tables(pages, b, self.max_pages, self.scratch_page), non_blocking=True)
+        temps = list(temperatures) if temperatures is not None else [0.0] * n
+        self.temperature[:b].copy_(torch.tensor(temps + [0.0] * pad, dtype=torch.float32), non_blocking=True)
         captured = self._graphs[b]
-        captured.graph.replay()
-        return captured.hidden[:n], captured.logits[:n]
+        if captured.graph is None:
+            captured.hidden, captured.logits, captured.tokens = self.body(b)
+        else:
+            captured.graph.replay()
+        return captured.hidden[:n], captured.logits[:n], captured.tokens[:n]
+
+
+def padded_tables(pages: list[list[int]], rows: int, width: int, scratch_page: int) -> torch.Tensor:
+    """Host block tables [rows, width]: each sequence's pages, then the scratch page (padding rows
+    and the unused tail write there, never into a page some sequence owns)."""
+    table = torch.full((rows, width), scratch_page, dtype=torch.int64)
+    for i, row in enumerate(pages):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return table

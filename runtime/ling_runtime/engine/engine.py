@@ -268,7 +268,9 @@ class Engine:
         for seq in step.decode:
             client = self._clients[seq.rid]
             last = len(seq.all_ids) - 1
-            works.append(self._work(client, last, [seq.all_ids[-1]], k, k + 1))
+            works.append(
+                self._work(client, last, [seq.all_ids[-1]], k, k + 1, device_temperature(seq.params))
+            )
         result = self.executor.execute(StepPlan(seqs=tuple(works)))
         now = time.monotonic()
         for chunk, res in zip(step.prefill, result.seqs[: len(step.prefill)], strict=True):
@@ -287,13 +289,27 @@ class Engine:
             client = self._clients[seq.rid]
             position = len(seq.all_ids) - 1
             if k == 0:
-                token = sample_row(res.logits[-1], seq.params, client.generator)
+                if res.tokens is not None:  # sampled on the device (a graph replay)
+                    token = SampledToken(res.tokens[-1])
+                else:
+                    token = sample_row(res.logits[-1], seq.params, client.generator)
                 seq.num_computed = position + 1
                 self._append(client, [token], now)
                 continue
-            self._accept(client, position, res.logits, res.drafts, now)
+            if res.tokens is not None:
+                self._accept_device(client, position, res.tokens, res.drafts, res.num_accepted or 0, now)
+            else:
+                self._accept(client, position, res.logits, res.drafts, now)
 
-    def _work(self, client: _Client, start: int, tokens: list[int], drafts: int, logits: int) -> SeqWork:
+    def _work(
+        self,
+        client: _Client,
+        start: int,
+        tokens: list[int],
+        drafts: int,
+        logits: int,
+        temperature: float | None = None,
+    ) -> SeqWork:
         seq = client.seq
         assert seq.allocation is not None
         work = SeqWork(
@@ -307,6 +323,7 @@ class Engine:
             mtp_start=client.mtp_start,
             mtp_next_tokens=client.mtp_next,
             logits=logits,
+            temperature=temperature,
         )
         client.commit = None
         client.mtp_next = ()
@@ -330,11 +347,30 @@ class Engine:
                 break
             if j == len(drafts) or token.token_id != drafts[j]:
                 break
+        self._record_verify(client, position, emitted, len(drafts), now)
+
+    def _accept_device(
+        self, client: _Client, position: int, tokens: list[int], drafts: list[int], accepted: int, now: float
+    ) -> None:
+        """The runner sampled and accepted on the device (a graphed verify, which also committed the
+        linear state): emit tokens[: accepted + 1], cut at a finishing token as `_accept` would."""
+        seq = client.seq
+        emitted: list[SampledToken] = []
+        for token_id in tokens[: accepted + 1]:
+            emitted.append(SampledToken(token_id))
+            if seq.token_finishes(token_id) or len(seq.output) + len(emitted) >= seq.params.max_new_tokens:
+                break
+        self._record_verify(client, position, emitted, len(drafts), now)
+
+    def _record_verify(
+        self, client: _Client, position: int, emitted: list[SampledToken], num_drafts: int, now: float
+    ) -> None:
+        seq = client.seq
         accepted = len(emitted) - 1
         client.verify_steps += 1
         client.accepted += accepted
         if self.metrics:
-            self.metrics.spec_draft_tokens.inc(len(drafts))
+            self.metrics.spec_draft_tokens.inc(num_drafts)
             self.metrics.spec_accepted_tokens.inc(accepted)
             self.metrics.spec_accept_length.observe(len(emitted))
         seq.num_computed = position + len(emitted)
@@ -420,6 +456,19 @@ class Engine:
             finish_reason=seq.finish_reason or reason,
             error=error,
         )
+
+
+def device_temperature(params: SamplingParams) -> float | None:
+    """The temperature the runner may sample with on the device (0.0: greedy), or None when the
+    request needs the host sampler: a seed (reproducible per request), top-k / top-p filtering,
+    or logprobs (which read the logits anyway)."""
+    if params.logprobs:
+        return None
+    if params.greedy:
+        return 0.0
+    if params.seed is not None or params.top_p < 1.0 or params.top_k != -1:
+        return None
+    return float(params.temperature)
 
 
 class ContextLengthError(ValueError):

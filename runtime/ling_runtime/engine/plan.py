@@ -21,6 +21,9 @@ class SeqWork:
     - `mtp_start`, `mtp_next_tokens`: positions whose next token is now known; the MTP layer consumes
       (target hidden at i, embedding of token i+1) there before drafting (SGLang's "draft extend").
     - `logits`: return target logits for the last `logits` positions (0: none).
+    - `temperature`: not None when the runner may sample this sequence on the device (0: greedy,
+      else plain temperature: no seed, top-k, top-p or logprobs) and hand back token ids instead of
+      logits; a graphed MTP verify then also accepts its drafts on the device.
     """
 
     slot: int
@@ -33,6 +36,7 @@ class SeqWork:
     mtp_start: int = 0
     mtp_next_tokens: tuple[int, ...] = ()
     logits: int = 1
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class StepPlan:
 class SeqResult:
     logits: object  # torch.Tensor [n, vocab] float32 on CPU (rank 0 only); None when not asked
     drafts: list[int] = field(default_factory=list)
+    # Sampled on the device (only when the work had a temperature and a graph served it): the
+    # target token at each returned position, and for a verify the drafts accepted (the engine
+    # emits tokens[: num_accepted + 1]); None: sample `logits` on the host.
+    tokens: list[int] | None = None
+    num_accepted: int | None = None
 
 
 @dataclass

@@ -2,9 +2,12 @@
 
 Per step: roll back linear state after the previous verify (`commit`), zero new slots, run the MTP
 layer over positions whose next token became known and draft from it, then one target pass over
-the step's tokens (plus drafts). On CUDA a plain decode step's target pass is one CUDA-graph replay
-(`enable_cuda_graphs`, engine/cuda_graphs.py); everything else runs eagerly. Every rank computes the same drafts: logits are identical on all
-ranks after the collectives, so a greedy draft needs no extra broadcast.
+the step's tokens (plus drafts). On CUDA (`enable_cuda_graphs`) a plain decode step is one replay
+that also samples (engine/cuda_graphs.py), and an MTP decode step is a draft replay plus a verify
+replay that samples, accepts and commits the linear state on the device (engine/spec_graphs.py),
+then one host read; prefill, mixed and oversize steps run eagerly. Every rank computes the same
+drafts: logits are identical on all ranks after the collectives, so a greedy draft needs no extra
+broadcast (device temperature sampling is only used at TP 1, where no other rank must agree).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import torch
 
 from ling_runtime.engine.cuda_graphs import DecodeGraphs
 from ling_runtime.engine.plan import SeqResult, SeqWork, StepPlan, StepResult
+from ling_runtime.engine.spec_graphs import SpecGraphs
 from ling_runtime.model.batch import ForwardBatch
 
 
 @dataclass
 class _Hidden:
     start: int  # absolute position of the first row
-    rows: torch.Tensor  # [n, hidden] target hidden states of the last target pass
+    rows: torch.Tensor | None  # [n, hidden] of the last target pass; None: in the MTP graphs' pool
 
 
 class ModelRunner:
@@ -32,22 +36,53 @@ class ModelRunner:
         self.return_logits = return_logits  # only rank 0 hands logits back
         self._hidden: dict[int, _Hidden] = {}
         self.graphs: DecodeGraphs | None = None
+        self.spec_graphs: SpecGraphs | None = None
         self.graph_steps = 0  # target passes served by a replay (tests and benchmarks read it)
+        self.spec_graph_steps = 0  # MTP steps served by the draft + verify replays
+        # slot -> tokens the last graphed verify committed on the device (the plan's commit repeats it)
+        self._device_commits: dict[int, int] = {}
 
     def enable_cuda_graphs(
-        self, max_batch: int, max_pages: int, scratch_page: int, buckets: list[int] | None = None
+        self,
+        max_batch: int,
+        max_pages: int,
+        scratch_page: int,
+        buckets: list[int] | None = None,
+        num_drafts: int = 0,
+        eager: bool = False,
     ) -> None:
-        """Capture decode graphs for batch buckets up to ``max_batch`` (see ``DecodeGraphs``)."""
+        """Capture decode graphs for batch buckets up to ``max_batch`` (see ``DecodeGraphs``) and,
+        with ``num_drafts`` = k > 0 and an MTP model, the MTP draft/verify graphs for k drafts
+        (``SpecGraphs``; the cache needs ``max_spec_tokens >= k + 1``). ``eager``: build the same
+        bodies without capturing (CPU tests)."""
         graphs = DecodeGraphs(
-            self.model, self.cache, self.device, max_batch, max_pages, scratch_page, buckets
+            self.model, self.cache, self.device, max_batch, max_pages, scratch_page, buckets, eager=eager
         )
         graphs.capture()
         self.graphs = graphs
+        if num_drafts > 0 and getattr(self.model, "mtp", None) is not None:
+            spec = SpecGraphs(
+                self.model, self.cache, self.device, max_batch, max_pages, scratch_page, num_drafts,
+                buckets, eager=eager,
+            )  # fmt: skip
+            spec.capture()
+            self.spec_graphs = spec
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         works = plan.seqs
-        commits = [(w.slot, w.commit) for w in works if w.commit]
+        commits = []
+        for w in works:
+            done = self._device_commits.pop(w.slot, None)
+            if not w.commit:
+                continue
+            if done is None:
+                commits.append((w.slot, w.commit))
+            elif done != w.commit:
+                # The graphed verify kept its per-position states by batch row, not by slot: a
+                # different count cannot be rolled back to. The engine emits what the device
+                # accepted (or finishes the sequence), so this is a bug, not a condition.
+                raise RuntimeError(f"slot {w.slot}: commit {w.commit}, but the device committed {done}")
         if commits:
             self.cache.commit_linear_state([s for s, _ in commits], [n for _, n in commits])
         resets = [w.slot for w in works if w.reset]
@@ -55,8 +90,76 @@ class ModelRunner:
             self.cache.reset_slots(resets)
             for slot in resets:
                 self._hidden.pop(slot, None)
+        bucket = self._spec_bucket(works)
+        if bucket is not None:
+            return self._spec_graph_step(works, bucket)
         drafts = self._draft(works)
         return self._target(works, drafts)
+
+    def _device_sampling(self, w: SeqWork) -> bool:
+        """Whether this sequence's tokens may be sampled on the device: greedy always; temperature
+        only at TP 1 (each rank draws its own noise; at TP > 1 they would disagree)."""
+        if w.temperature is None:
+            return False
+        return w.temperature == 0.0 or self.model.tp.size == 1
+
+    def _stored_rows(self, slot: int, start: int, n: int) -> torch.Tensor:
+        stored = self._hidden[slot]
+        rows = stored.rows
+        if rows is None:
+            assert self.spec_graphs is not None
+            rows = self.spec_graphs.hidden_rows(slot, self.spec_graphs.t)
+        offset = start - stored.start
+        if offset < 0 or offset + n > rows.shape[0]:
+            raise RuntimeError(f"slot {slot}: no target hidden for MTP positions {start}..+{n}")
+        return rows[offset : offset + n]
+
+    # ---- MTP decode step in graphs: draft replay, verify replay, one read -------------------------
+    def _spec_bucket(self, works: tuple[SeqWork, ...]) -> int | None:
+        """A captured bucket when the step is all MTP decodes the graphs can take: one pending token,
+        k drafts, 1..k+1 newly known positions right before it, device sampling, a stored hidden."""
+        spec = self.spec_graphs
+        if spec is None or not works:
+            return None
+        for w in works:
+            n = len(w.mtp_next_tokens)
+            if len(w.tokens) != 1 or w.start == 0 or w.reset or w.num_drafts != spec.k:
+                return None
+            if not 1 <= n <= spec.t or w.mtp_start + n != w.start or not self._device_sampling(w):
+                return None
+            stored = self._hidden.get(w.slot)
+            if stored is None:
+                return None
+            if stored.rows is None and stored.start != w.mtp_start:
+                return None
+            if stored.rows is not None:
+                offset = w.mtp_start - stored.start
+                if offset < 0 or offset + n > stored.rows.shape[0]:
+                    return None
+        return spec.bucket_for(len(works), max(len(w.pages) for w in works))
+
+    def _spec_graph_step(self, works: tuple[SeqWork, ...], bucket: int) -> StepResult:
+        spec = self.spec_graphs
+        assert spec is not None
+        for w in works:
+            stored = self._hidden[w.slot]
+            if stored.rows is not None:  # the last target pass was eager (a prefill chunk, a verify)
+                spec.load_hidden(w.slot, self._stored_rows(w.slot, w.mtp_start, len(w.mtp_next_tokens)))
+        spec.set_sequences(bucket, [w.slot for w in works], [list(w.pages) for w in works])
+        spec.draft(bucket, [list(w.mtp_next_tokens) for w in works], [w.mtp_start for w in works])
+        out = spec.verify(
+            bucket,
+            [w.tokens[0] for w in works],
+            [w.start for w in works],
+            [float(w.temperature or 0.0) for w in works],
+        )
+        self.spec_graph_steps += 1
+        results = []
+        for i, w in enumerate(works):
+            self._hidden[w.slot] = _Hidden(w.start, None)
+            self._device_commits[w.slot] = out.num_accepted[i] + 1
+            results.append(SeqResult(None, out.drafts[i], out.tokens[i], out.num_accepted[i]))
+        return StepResult(results)
 
     # ---- MTP: extend over newly known positions, then draft k tokens -----------------------------
     def _draft(self, works: tuple[SeqWork, ...]) -> list[list[int]]:
@@ -67,13 +170,8 @@ class ModelRunner:
         tokens, prev, prefix, slots, tables = [], [], [], [], []
         for i in extend:
             w = works[i]
-            stored = self._hidden[w.slot]
-            offset = w.mtp_start - stored.start
-            n = len(w.mtp_next_tokens)
-            if offset < 0 or offset + n > stored.rows.shape[0]:
-                raise RuntimeError(f"slot {w.slot}: no target hidden for MTP positions {w.mtp_start}..+{n}")
             tokens.append(list(w.mtp_next_tokens))
-            prev.append(stored.rows[offset : offset + n])
+            prev.append(self._stored_rows(w.slot, w.mtp_start, len(w.mtp_next_tokens)))
             prefix.append(w.mtp_start)
             slots.append(w.slot)
             tables.append(list(w.pages))
@@ -151,23 +249,32 @@ class ModelRunner:
 
     def _target_graph(self, works: tuple[SeqWork, ...], bucket: int) -> StepResult:
         assert self.graphs is not None
-        hidden, logits = self.graphs.replay(
+        on_device = [self._device_sampling(w) for w in works]
+        hidden, logits, sampled = self.graphs.replay(
             [w.tokens[0] for w in works],
             [w.start for w in works],
             [w.slot for w in works],
             [list(w.pages) for w in works],
             bucket,
+            [float(w.temperature or 0.0) if d else 0.0 for w, d in zip(works, on_device, strict=True)],
         )
         self.graph_steps += 1
         if getattr(self.model, "enable_mtp", False):
             # Copies: the static outputs are overwritten by the next replay.
             for b, w in enumerate(works):
                 self._hidden[w.slot] = _Hidden(w.start, hidden[b : b + 1].clone())
-        wanted = [b for b, w in enumerate(works) if w.logits > 0]
-        host = logits.cpu() if (wanted and self.return_logits) else None  # the step's one sync
+        # Logits go to the host only for rows sampled there; token ids are read for the rest
+        # (one read each, the step's synchronisation).
+        wanted = [b for b, w in enumerate(works) if w.logits > 0 and not on_device[b]]
+        host = logits.cpu() if (wanted and self.return_logits) else None
+        ids = sampled.cpu().tolist() if any(on_device) else []
         return StepResult(
             [
-                SeqResult(host[b : b + 1] if (host is not None and w.logits > 0) else None, [])
+                SeqResult(
+                    host[b : b + 1] if (host is not None and b in wanted) else None,
+                    [],
+                    [ids[b]] if on_device[b] else None,
+                )
                 for b, w in enumerate(works)
             ]
         )

@@ -41,6 +41,9 @@ class RuntimeSpec:
     chunked_prefill_size: int = 256
     seed: int = 0
     cuda_graph: bool = True  # decode CUDA graphs on cuda (off: --disable-cuda-graph)
+    # --quantization fp8: FP8 block-scaled projection/expert weights (None: FP8 only for an FP8
+    # checkpoint in bf16, see LingForCausalLM's weight_dtype).
+    quantization: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -94,6 +97,7 @@ def runtime_spec(args: ServeArgs, model_dir: str) -> RuntimeSpec:
         chunked_prefill_size=args.chunked_prefill_size,
         seed=args.seed,
         cuda_graph=not args.disable_cuda_graph,
+        quantization=args.quantization,
     )
 
 
@@ -115,6 +119,7 @@ def build_runner(spec: RuntimeSpec, tp_rank: int = 0, tp_size: int = 1, tp_group
         device=device,
         dtype=spec.torch_dtype,
         enable_mtp=spec.num_draft_steps > 0,
+        weight_dtype="fp8" if spec.quantization == "fp8" else None,
     )
     model.eval()
     graphs = spec.cuda_graph and device.type == "cuda" and model.use_kernels
@@ -132,5 +137,6 @@ def build_runner(spec: RuntimeSpec, tp_rank: int = 0, tp_size: int = 1, tp_group
             max_batch=min(spec.max_running_requests, spec.num_slots),
             max_pages=-(-(spec.context_length + lookahead) // spec.page_size),
             scratch_page=spec.num_pages,
+            num_drafts=spec.num_draft_steps,
         )
     return runner, time.monotonic() - started

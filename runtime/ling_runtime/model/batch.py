@@ -7,6 +7,13 @@ every position for ``LingCache.commit_linear_state``; only sequences of at most 
 ``max_spec_tokens`` tokens keep them, so prefill chunks may share a verify batch). The MLA latent cache is paged: token at
 absolute position p of sequence b lives in page ``block_tables[b, p // page_size]`` at row
 ``p % page_size``; ``block_tables`` must cover positions ``[0, prefix_lens[b] + seq_lens[b])``.
+
+``graph_safe`` marks a CUDA-graph body's batch (engine/cuda_graphs.py, engine/spec_graphs.py): every
+sequence has ``seq_lens[0]`` tokens, the host lists are placeholders (prefix 1: nobody is new), and
+the layers must read lengths from the device ``positions`` only. A graph-safe batch of more than one
+token per sequence with ``keep_linear_states`` is a verify whose per-position linear states go to
+``spec_linear_state[:, row]`` (by batch row, not slot) with the pool untouched; the caller commits
+with ``LingCache.commit_rows`` once the accepted counts are known on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class ForwardBatch:
     state_slots: torch.Tensor  # [B] int64: linear-attention state slot per sequence
     block_tables: torch.Tensor  # [B, max_pages] int64: MLA latent pages per sequence
     keep_linear_states: bool = False
+    graph_safe: bool = False
     cu_seqlens: torch.Tensor = field(init=False)  # [B+1] int64
     # Host copies, so per-sequence loops never synchronise with the device.
     offsets: list[int] = field(init=False)  # cu_seqlens as a list
@@ -86,6 +94,7 @@ class ForwardBatch:
             state_slots=self.state_slots.to(device),
             block_tables=self.block_tables.to(device),
             keep_linear_states=self.keep_linear_states,
+            graph_safe=self.graph_safe,
         )
 
     @classmethod

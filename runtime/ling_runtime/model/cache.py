@@ -82,6 +82,22 @@ class LingCache:
             raise ValueError(f"accepted_len: each must be in [1, {self.max_spec_tokens}], got {acc.tolist()}")
         self.linear_state[:, slots_t] = self.spec_linear_state[:, slots_t, acc - 1]
 
+    def commit_rows(self, slots: torch.Tensor, num_emitted: torch.Tensor, use_kernels: bool) -> None:
+        """Device-side commit after a graph-safe verify (``ForwardBatch.graph_safe``): for batch row b,
+        ``linear_state[:, slots[b]] = spec_linear_state[:, b, num_emitted[b] - 1]``. No validation and
+        no host read (it runs inside a CUDA graph); rows with slot < 0 are padding and skipped."""
+        assert self.spec_linear_state is not None
+        b = slots.shape[0]
+        if use_kernels:
+            from ling_runtime.kernels import lightning_commit
+
+            for li in range(self.linear_state.shape[0]):
+                lightning_commit(self.linear_state[li], slots, self.spec_linear_state[li, :b], num_emitted)
+            return
+        rows = torch.arange(b, device=slots.device)
+        chosen = self.spec_linear_state[:, rows, (num_emitted - 1).clamp(0, self.max_spec_tokens - 1)]
+        scatter_slot_rows(self.linear_state, slots, chosen)
+
     # ---- MLA pages -------------------------------------------------------------------------------
     def check_block_tables(self, seq_lens: list[int], prefix_lens: list[int], table_width: int) -> None:
         """Fail before any write (on GPU an out-of-range page is a device assert) when a sequence's
@@ -110,3 +126,14 @@ class LingCache:
                 f"block_tables: {length} tokens need {n_pages} pages, the table has {block_table.shape[0]}"
             )
         return self.mla_kv[mla_index, block_table[:n_pages]].reshape(-1, self.mla_kv.shape[-1])[:length]
+
+
+def scatter_slot_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """``pool[:, slots[b]] = rows[:, b]`` where padding rows (slot < 0) change nothing, without a
+    boolean mask (which would read the device): a padding row rewrites row 0's slot with row 0's
+    value, so the duplicate index carries the same value and the result is deterministic. Row 0 is
+    always a real sequence (padding only fills the tail of a bucket)."""
+    pad = slots < 0
+    idx = torch.where(pad, slots[0], slots)
+    vals = torch.where(pad.view(1, -1, *([1] * (rows.dim() - 2))), rows[:, :1], rows)
+    pool[:, idx] = vals

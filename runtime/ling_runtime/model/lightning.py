@@ -16,10 +16,10 @@ from ling_runtime.config import LingConfig
 from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.loader import Piece
 from ling_runtime.model.batch import ForwardBatch
-from ling_runtime.model.cache import LingCache
-from ling_runtime.model.linear import ColumnParallelLinear, RowParallelLinear, make_param
+from ling_runtime.model.cache import LingCache, scatter_slot_rows
+from ling_runtime.model.linear import ColumnParallelLinear, PiecesLinear, RowParallelLinear
 from ling_runtime.model.norms import GroupRMSNorm, RMSNorm, rms_norm_reference
-from ling_runtime.model.rope import apply_rope_neox, rope_cos_sin, rope_inv_freq
+from ling_runtime.model.rope import apply_rope_neox, rope_cos_sin, rope_inv_freq, step_cached
 
 
 def alibi_base_slopes(num_heads: int) -> list[float]:
@@ -142,8 +142,8 @@ class LightningAttention(nn.Module):
             )
             for j in range(3)
         ]
-        self.query_key_value = nn.Module()
-        self.query_key_value.weight = make_param((3 * lh * d, h), dtype, device, pieces)
+        # FP8 under ``fp8_weights`` like the other projections (the largest Lightning weight).
+        self.query_key_value = PiecesLinear(pieces, h, 3 * lh * d, dtype, device)
         self.query_layernorm = (
             RMSNorm(f"{prefix}.query_layernorm.weight", d, cfg.rms_norm_eps, dtype, device)
             if cfg.use_qk_norm
@@ -173,6 +173,9 @@ class LightningAttention(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.rope_mscale = mscale
+        # Names these frequencies for the per-step cos/sin memo (rope.rope_step_memo).
+        self.rope_key = ("lightning", cfg.linear_rotary_dim, cfg.rope_theta, repr(cfg.rope_scaling),
+                         cfg.max_position_embeddings)  # fmt: skip
         self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
 
     def qkv(
@@ -180,7 +183,7 @@ class LightningAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected, normed, rotated and scaled q, k, v of ``x`` [T, H]: each [T, h_local, D] float32."""
         t = x.shape[0]
-        qkv = torch.nn.functional.linear(x, self.query_key_value.weight).float()
+        qkv = self.query_key_value(x).float()
         q, k, v = qkv.view(t, 3, self.local_heads, self.head_dim).unbind(1)
         if self.query_layernorm is not None and self.key_layernorm is not None:
             q = rms_norm_reference(q, self.query_layernorm.weight, self.query_layernorm.eps)
@@ -202,6 +205,8 @@ class LightningAttention(nn.Module):
         q, k, v = self.qkv(x, batch.positions)
         if batch.is_decode:
             out = self._decode(q, k, v, batch, cache)
+        elif batch.graph_safe:
+            out = self._verify_rows(q, k, v, batch, cache)
         else:
             out = torch.empty_like(v)
             for b in range(batch.batch_size):
@@ -224,11 +229,31 @@ class LightningAttention(nn.Module):
         fresh = torch.tensor([p == 0 for p in batch.prefix_lens], device=states.device)
         states = states.masked_fill(fresh[:, None, None, None], 0.0)
         out, new = lightning_decode_reference(q, k, v, self.slopes, states)
-        cache.linear_state[li, slots] = new
+        # Padding rows of a graph bucket (slot -1) must not land in the last slot.
+        scatter_slot_rows(cache.linear_state[li : li + 1], slots, new[None])
         if batch.keep_linear_states and cache.max_spec_tokens >= 1:
             assert cache.spec_linear_state is not None
-            cache.spec_linear_state[li, slots, 0] = new
+            scatter_slot_rows(cache.spec_linear_state[li, :, 0][None], slots, new[None])
         return out
+
+    def _verify_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, cache: LingCache
+    ) -> torch.Tensor:
+        """Graph-safe verify (plain torch): B sequences of T tokens; the state after every position
+        goes to ``spec_linear_state[li, row]``, the pool is untouched (``LingCache.commit_rows``)."""
+        assert cache.spec_linear_state is not None and batch.keep_linear_states
+        li, b = self.linear_index, batch.batch_size
+        n = q.shape[0] // b
+        lam = torch.exp(-self.slopes.float())[None, :, None, None]
+        state = cache.linear_state[li, batch.state_slots].float()  # slot -1 (padding) reads junk, unused
+        shape = (b, n, *q.shape[1:])
+        qb, kb, vb = q.float().view(shape), k.float().view(shape), v.float().view(shape)
+        outs = []
+        for t in range(n):
+            state = lam * state + kb[:, t, :, :, None] * vb[:, t, :, None, :]
+            outs.append((qb[:, t, :, None, :] @ state)[..., 0, :])
+            cache.spec_linear_state[li, :b, t] = state
+        return torch.stack(outs, dim=1).reshape(q.shape[0], *q.shape[1:])
 
     def _sequence(
         self,
@@ -266,6 +291,8 @@ class LightningAttention(nn.Module):
         which the reference handles sequence by sequence."""
         if batch.is_decode:
             return "decode"
+        if batch.graph_safe:
+            return "verify_rows"
         if not batch.keep_linear_states:
             return "prefill"
         n = batch.seq_lens[0]
@@ -280,8 +307,8 @@ class LightningAttention(nn.Module):
         from ling_runtime import kernels as K
 
         t, lh, d = x.shape[0], self.local_heads, self.head_dim
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale)
-        qkv = torch.nn.functional.linear(x, self.query_key_value.weight)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale, self.rope_key)
+        qkv = self.query_key_value(x)
         if self.query_layernorm is not None and self.key_layernorm is not None and _pow2(d):
             # One launch: per-head RMSNorm + partial NeoX RoPE (cos/sin carry the YaRN mscale).
             q, k, v = K.qk_norm_rope(
@@ -301,7 +328,9 @@ class LightningAttention(nn.Module):
                 pool[fresh] = 0.0
             # Zeros, not empty: CUDA-graph padding rows (slot -1) are skipped by the kernel and
             # must not feed garbage (NaN) into the router of the padded rows.
-            out = torch.zeros_like(q)
+            # One buffer for every Lightning layer of the step (each layer's output is consumed by
+            # its group norm before the next layer writes): one memset per step, not one per layer.
+            out = step_cached(("lightning_out", id(batch), q.shape, q.dtype), lambda: torch.zeros_like(q))
             K.lightning_decode(q, k, v, pool, slots, self.slopes, scale, out=out, block_v=min(32, d))
             if batch.keep_linear_states and cache.max_spec_tokens >= 1:
                 assert cache.spec_linear_state is not None
@@ -316,14 +345,26 @@ class LightningAttention(nn.Module):
             cache.spec_linear_state[li, slots, :n] = inter
             pool[slots] = inter[:, -1]  # as the reference: the pool holds the last state until commit
             out = o.view(t, lh, d)
+        elif mode == "verify_rows":
+            # Graph-safe verify: per-position states by batch row, pool untouched; the caller
+            # commits them after acceptance (LingCache.commit_rows), all on the device.
+            assert cache.spec_linear_state is not None and batch.keep_linear_states
+            b = batch.batch_size
+            n = t // b
+            o, _ = K.lightning_verify(
+                q.view(b, n, lh, d), k.view(b, n, lh, d), v.view(b, n, lh, d), pool, slots, self.slopes,
+                scale, inter=cache.spec_linear_state[li, :b, :n], out=torch.zeros_like(q).view(b, n, lh, d),
+                block_v=min(32, d),
+            )  # fmt: skip
+            out = o.view(t, lh, d)
         else:
             has_initial = torch.tensor(
                 [int(p > 0) for p in batch.prefix_lens], dtype=torch.int32, device=x.device
             )
-            blk = min(64, d)
+            # No chunk/block arguments: the kernel's _DISPATCH picks them by average prompt length
+            # (measured on the H200; blocks clamped to the head dim).
             out = K.lightning_prefill_chunked(
-                q, k, v, pool, slots, batch.cu_seqlens.to(torch.int32), has_initial, self.slopes, scale,
-                chunk=min(64, self.chunk_size), block_k=blk, block_v=blk, block_v_out=blk,
+                q, k, v, pool, slots, batch.cu_seqlens.to(torch.int32), has_initial, self.slopes, scale
             )  # fmt: skip
         o = out.reshape(t, -1)
         gate = self.g_proj(x)

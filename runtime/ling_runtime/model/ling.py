@@ -13,12 +13,13 @@ from ling_runtime.loader import LoadReport, load_weights
 from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
 from ling_runtime.model.lightning import LightningAttention
-from ling_runtime.model.linear import ParallelLMHead, VocabParallelEmbedding
+from ling_runtime.model.linear import ParallelLMHead, VocabParallelEmbedding, fp8_weights
 from ling_runtime.model.mla import MLAttention
 from ling_runtime.model.mlp import DenseMLP
 from ling_runtime.model.moe import SparseMoE
 from ling_runtime.model.mtp import MTPLayer
 from ling_runtime.model.norms import RMSNorm
+from ling_runtime.model.rope import rope_step_memo
 
 
 class DecoderLayer(nn.Module):
@@ -100,6 +101,12 @@ class LingForCausalLM(nn.Module):
     ``chunk_size`` is the Lightning prefill chunk. All ranks must call every method together.
     ``use_kernels`` (default: on for CUDA, off for CPU) swaps the plain-torch hot paths for the Triton
     kernels of ``ling_runtime.kernels`` where the batch's shape allows (see ``set_use_kernels``).
+
+    ``weight_dtype``: ``"fp8"`` keeps the projection and expert weights block-scaled float8_e4m3fn
+    (``model.linear``: the config's ``weight_block_size``, else 128x128; a bf16 checkpoint is
+    quantized on load); ``"model"`` stores every weight in ``dtype`` (an FP8 checkpoint is
+    dequantized on load); None (default): ``"fp8"`` for an FP8 checkpoint run in bf16, else
+    ``"model"`` (float32 runs are the numerics oracle).
     """
 
     def __init__(
@@ -114,9 +121,15 @@ class LingForCausalLM(nn.Module):
         expert_parallel: bool = False,
         chunk_size: int = 64,
         use_kernels: bool | None = None,
+        weight_dtype: str | None = None,
     ) -> None:
         super().__init__()
         config.validate_tp(tp_size, expert_parallel)
+        if weight_dtype is None:
+            weight_dtype = "fp8" if config.fp8_block_size and dtype == torch.bfloat16 else "model"
+        if weight_dtype not in ("fp8", "model"):
+            raise ValueError(f"weight_dtype: accepted 'fp8', 'model' or None, got {weight_dtype!r}")
+        self.fp8_block = (config.fp8_block_size or (128, 128)) if weight_dtype == "fp8" else None
         if enable_mtp and config.num_nextn_predict_layers < 1:
             raise ValueError("enable_mtp: the config has num_nextn_predict_layers=0 (no MTP layer to load)")
         self.config = config
@@ -124,14 +137,17 @@ class LingForCausalLM(nn.Module):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.enable_mtp = enable_mtp
-        self.model = LingModel(config, self.tp, dtype, device, expert_parallel, chunk_size)
+        # Embedding, lm_head, norms and the router are built in ``dtype`` / fp32 whatever this says.
+        # Strict (every rank's slice on whole blocks) when an FP8 checkpoint will be loaded as stored.
+        with fp8_weights(self.fp8_block, strict=config.fp8_block_size == self.fp8_block):
+            self.model = LingModel(config, self.tp, dtype, device, expert_parallel, chunk_size)
+            self.mtp = (
+                MTPLayer(config, len(config.mla_layer_ids), self.tp, dtype, device, expert_parallel)
+                if enable_mtp
+                else None
+            )
         self.lm_head = ParallelLMHead(
             "lm_head.weight", config.vocab_size, config.hidden_size, self.tp, dtype, device
-        )
-        self.mtp = (
-            MTPLayer(config, len(config.mla_layer_ids), self.tp, dtype, device, expert_parallel)
-            if enable_mtp
-            else None
         )
         self.use_kernels = False
         self.set_use_kernels(self.device.type == "cuda" if use_kernels is None else use_kernels)
@@ -179,14 +195,16 @@ class LingForCausalLM(nn.Module):
         batch = self._on_device(batch, cache)
         h = self.model.word_embeddings(batch.input_ids)
         if self.use_kernels and _pow2(self.config.hidden_size):
-            return self._forward_fused_norms(h, batch, cache)
+            with rope_step_memo():  # one cos/sin per step, not one per layer
+                return self._forward_fused_norms(h, batch, cache)
         for layer in self.model.layers:
             h = layer(h, batch, cache)
         return self.model.norm(h)
 
     def _forward_fused_norms(self, h: torch.Tensor, batch: ForwardBatch, cache: LingCache) -> torch.Tensor:
         """The same pre-norm blocks with every residual add fused into the next RMSNorm (one
-        ``add_rmsnorm`` launch each, residual updated in place), vLLM/SGLang style."""
+        ``add_rmsnorm`` launch each, residual updated in place), vLLM/SGLang style. A MoE layer's
+        decode output reaches the next norm as its fp32 per-slot partials, summed in that launch."""
         from ling_runtime.kernels import add_rmsnorm
 
         layers = self.model.layers
@@ -196,9 +214,8 @@ class LingForCausalLM(nn.Module):
             a = layer.attention(y, batch, cache)
             ln2 = layer.post_attention_layernorm
             y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
-            m = layer.mlp(y)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            y, residual = add_rmsnorm(m.contiguous(), residual, nxt.weight, nxt.eps)
+            y, residual = _mlp_add_rmsnorm(layer.mlp, y, residual, nxt)
         return y
 
     @torch.no_grad()
@@ -218,7 +235,26 @@ class LingForCausalLM(nn.Module):
             raise ValueError("include_mtp: the cache has no latent-KV layer for the MTP layer")
         batch = self._on_device(batch, cache)
         embeds = self.model.word_embeddings(batch.input_ids)
+        if self.use_kernels and _pow2(self.config.hidden_size):
+            return self._mtp_fused_norms(embeds, prev_hidden.to(self.device), batch, cache)
         return self.mtp(embeds, prev_hidden.to(self.device), batch, cache)
+
+    def _mtp_fused_norms(
+        self, embeds: torch.Tensor, prev_hidden: torch.Tensor, batch: ForwardBatch, cache: LingCache
+    ) -> torch.Tensor:
+        """``MTPLayer.forward`` with its residual adds fused into the next norms, as in
+        ``_forward_fused_norms`` (the MoE's partials go straight into ``final_layernorm``)."""
+        from ling_runtime.kernels import add_rmsnorm
+
+        mtp = self.mtp
+        assert mtp is not None
+        z = mtp.eh_proj(torch.cat([mtp.enorm(embeds), mtp.hnorm(prev_hidden.to(embeds.dtype))], dim=-1))
+        residual = z.contiguous()
+        a = mtp.attention(mtp.input_layernorm(residual), batch, cache)
+        ln2 = mtp.post_attention_layernorm
+        y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
+        y, _ = _mlp_add_rmsnorm(mtp.mlp, y, residual, mtp.final_layernorm)
+        return y
 
     def _on_device(self, batch: ForwardBatch, cache: LingCache) -> ForwardBatch:
         if self.config.mla_layer_ids or self.mtp is not None:
@@ -228,6 +264,20 @@ class LingForCausalLM(nn.Module):
         d = batch.input_ids.device
         same = d.type == self.device.type and (self.device.index is None or d.index == self.device.index)
         return batch if same else batch.to(self.device)
+
+
+def _mlp_add_rmsnorm(
+    mlp: nn.Module, y: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rmsnorm(mlp(y), residual)``; a MoE hands over its un-reduced partials where it can, so
+    their sum, the bf16 cast and the add + norm are one launch instead of three."""
+    from ling_runtime.kernels import add_rmsnorm
+    from ling_runtime.kernels.norms import add_rmsnorm_partials
+
+    m = mlp(y, partials=True) if isinstance(mlp, SparseMoE) else mlp(y)
+    if m.dim() == 3:
+        return add_rmsnorm_partials(m, residual, norm.weight, norm.eps)
+    return add_rmsnorm(m.contiguous(), residual, norm.weight, norm.eps)
 
 
 def _pow2(n: int) -> bool:

@@ -17,7 +17,15 @@ from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
 from ling_runtime.model.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from ling_runtime.model.norms import RMSNorm
-from ling_runtime.model.rope import apply_rope_interleaved, rope_cos_sin, rope_inv_freq, rope_kind
+from ling_runtime.model.rope import (
+    apply_rope_interleaved,
+    apply_rope_interleaved_cis,
+    rope_cis,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_kind,
+    step_cached,
+)
 
 
 def _causal_bias(q_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -162,6 +170,9 @@ class MLAttention(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.rope_mscale = mscale
+        # Names these frequencies for the per-step rotation memo (rope.rope_step_memo).
+        self.rope_key = ("mla", self.rope, cfg.rope_theta, repr(cfg.rope_scaling),
+                         cfg.max_position_embeddings)  # fmt: skip
         self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,15 +190,25 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
         kv = self.kv_a_proj_with_mqa(x)
         c_kv = self.kv_a_layernorm(kv[:, : self.rank])
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale)
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
-        k_pe = apply_rope_interleaved(kv[:, None, self.rank :], cos, sin)[:, 0]
+        if self.use_kernels:
+            # Kernel path: one complex multiply per rotation, the rotations shared by the step's layers.
+            cis = rope_cis(batch.positions, self.inv_freq, self.rope_mscale, self.rope_key)
+            q_pe = apply_rope_interleaved_cis(q_pe, cis)
+            k_pe = apply_rope_interleaved_cis(kv[:, None, self.rank :], cis)[:, 0]
+        else:
+            cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_mscale)
+            q_pe = apply_rope_interleaved(q_pe, cos, sin)
+            k_pe = apply_rope_interleaved(kv[:, None, self.rank :], cos, sin)[:, 0]
         latent = torch.cat([c_kv, k_pe], dim=-1)
         w_uk, w_uv = self.absorbed_weights()
-        if batch.is_decode and self.use_kernels:
+        if (batch.is_decode and self.use_kernels) or batch.graph_safe:
+            # Graph-safe batches (decode, verify or MTP extend of T tokens per sequence) take the
+            # absorbed path with per-token lengths from the device positions.
             out = self._decode_kernel(q_nope, q_pe, latent, w_uk, w_uv, batch, cache)
         elif batch.is_decode:
             out = self._decode(q_nope, q_pe, latent, w_uk, w_uv, batch, cache)
+        elif self._prefill_kernel_fits(x):
+            out = self._prefill_kernel(q_nope, q_pe, latent, batch, cache)
         else:
             out = torch.empty(t, self.local_heads, self.vdim, dtype=torch.float32, device=x.device)
             for b in range(batch.batch_size):
@@ -229,6 +250,56 @@ class MLAttention(nn.Module):
         histories = pages.reshape(batch.batch_size, n_pages * ps, -1)[:, :longest]
         return mla_decode_batched_reference(q_nope, q_pe, histories, pos + 1, w_uk, w_uv, self.scale)
 
+    def _prefill_kernel_fits(self, x: torch.Tensor) -> bool:
+        """The Triton prefill takes bf16 on CUDA (fp32 tl.dot would run as tf32 there) and any dtype
+        under the interpreter (the CPU tests); its tl.arange widths must be powers of two >= 16."""
+        if not self.use_kernels:
+            return False
+        from ling_runtime.kernels._common import interpret_mode  # triton only once kernels are on
+
+        if not (interpret_mode() or (x.is_cuda and x.dtype == torch.bfloat16)):
+            return False
+        return all(n >= 16 and n & (n - 1) == 0 for n in (self.nope, self.rope, self.vdim))
+
+    def _prefill_kernel(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent: torch.Tensor,
+        batch: ForwardBatch,
+        cache: LingCache,
+    ) -> torch.Tensor:
+        """Expanded prefill/extend with the Triton flash kernel: every sequence's latents (cached
+        prefix + this chunk) are read back from the paged cache, so the keys are exactly the cache's
+        (rounded to its dtype), as on the plain path; one kv_b_proj over all of them gives per-head
+        k_nope and v as strided views, and k_pe stays one row per token (head stride 0 in the
+        kernel), so nothing is broadcast or concatenated. Returns [T, h, v] in q's dtype."""
+        from ling_runtime.kernels import mla_prefill as prefill_mod  # looked up per call (tests wrap it)
+
+        lat, cu_k = [], [0]
+        for b in range(batch.batch_size):
+            lo, hi = batch.offsets[b], batch.offsets[b + 1]
+            table = batch.block_tables[b]
+            cache.write_latent(self.mla_index, table, batch.positions[lo:hi], latent[lo:hi])
+            n = batch.prefix_lens[b] + (hi - lo)
+            lat.append(cache.read_latent(self.mla_index, table, n))
+            cu_k.append(cu_k[-1] + n)
+        kv_lat = torch.cat(lat).to(q_nope.dtype)  # [Tk, r + rope]
+        tk = kv_lat.shape[0]
+        kvb = self.kv_b_proj(kv_lat[:, : self.rank]).view(tk, self.local_heads, self.nope + self.vdim)
+        dev = q_nope.device
+        return prefill_mod.mla_prefill(
+            q_nope,
+            kvb[..., : self.nope],
+            kvb[..., self.nope :],
+            torch.tensor(batch.offsets, dtype=torch.int32, device=dev),
+            torch.tensor(cu_k, dtype=torch.int32, device=dev),
+            self.scale,
+            q_pe=q_pe.to(q_nope.dtype),
+            k_pe=kv_lat[:, self.rank :],
+            max_seqlen_q=max(batch.seq_lens),
+        )
+
     def _kernel_fits(self, page_size: int) -> bool:
         def pow2(n: int) -> bool:
             return n >= 16 and n & (n - 1) == 0
@@ -246,25 +317,45 @@ class MLAttention(nn.Module):
         cache: LingCache,
     ) -> torch.Tensor:
         """Absorbed decode over the paged cache with the split-K Triton kernel: no gather of padded
-        histories and no host-side lengths, so it is CUDA-graph safe (lengths = positions + 1)."""
+        histories and no host-side lengths, so it is CUDA-graph safe (lengths = positions + 1).
+        A graph-safe batch of T tokens per sequence is T*B such queries: every token's latent is
+        written first, then each attends to the positions up to its own (causal within the chunk)."""
         from ling_runtime.kernels import mla_decode
 
         ps = cache.page_size
         kv = cache.mla_kv[self.mla_index]  # [pages, page_size, r + rope]
-        rows = torch.arange(batch.batch_size, device=latent.device)
         pos = batch.positions
-        kv[batch.block_tables[rows, pos // ps], pos % ps] = latent.to(kv.dtype)
-        if not self._kernel_fits(ps):
+
+        def indices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            tables = batch.block_tables
+            if not batch.is_decode:
+                tables = tables.repeat_interleave(batch.num_tokens // batch.batch_size, dim=0)
+            rows = torch.arange(tables.shape[0], device=latent.device)
+            return tables, tables[rows, pos // ps], pos % ps, pos + 1
+
+        # The same for every MLA layer of the step: computed once (rope_step_memo) on the kernel path.
+        key = ("mla_indices", id(batch), id(batch.block_tables), id(pos), ps)
+        tables, page, slot, lengths = step_cached(key, indices) if self.use_kernels else indices()
+        kv[page, slot] = latent.to(kv.dtype)
+        if not self._kernel_fits(ps) or not self.use_kernels:
             # Shapes the kernel's tl.dot cannot take (rope or page < 16, e.g. the built-in tiny
             # model): the same math over the whole block-table width, masked on device, so this
             # path needs no host-side lengths either and stays CUDA-graph safe.
-            hist = kv[batch.block_tables].reshape(batch.batch_size, -1, kv.shape[-1])
-            return mla_decode_batched_reference(q_nope, q_pe, hist, pos + 1, w_uk, w_uv, self.scale)
+            hist = kv[tables].reshape(tables.shape[0], -1, kv.shape[-1])
+            return mla_decode_batched_reference(q_nope, q_pe, hist, lengths, w_uk, w_uv, self.scale)
         # q~ = q_nope W_UK per head as one batched matmul over heads: [h, B, nope] @ [h, nope, r].
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)
         q = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(kv.dtype).contiguous()
-        u = mla_decode(
-            q, kv, batch.block_tables, pos + 1, self.scale, kv_lora_rank=self.rank, block_n=min(64, ps)
-        )
+        if batch.is_decode:
+            u = mla_decode(q, kv, tables, lengths, self.scale, kv_lora_rank=self.rank)
+        else:
+            # T queries per sequence in one program (the kernel's S_Q form): each key block is read
+            # once for all T, where T separate decode rows would read the history T times.
+            b = batch.batch_size
+            t = batch.num_tokens // b
+            u = mla_decode(
+                q.view(b, t, *q.shape[1:]), kv, batch.block_tables, pos.view(b, t)[:, -1] + 1, self.scale,
+                kv_lora_rank=self.rank,
+            ).reshape(b * t, *q.shape[1:-1], self.rank)  # fmt: skip
         # o = u W_UV^T per head: [h, B, r] @ [h, r, v].
         return torch.bmm(u.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)

@@ -8,6 +8,8 @@ routed + shared partials are summed with one all-reduce.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ from torch import nn
 from ling_runtime.config import LingConfig
 from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.loader import Piece, shard, whole
-from ling_runtime.model.linear import make_param
+from ling_runtime.model.linear import FP8, dequantize, make_param, make_weight
 from ling_runtime.model.mlp import DenseMLP
 
 
@@ -59,19 +61,29 @@ def experts_reference(
     w13: torch.Tensor,
     w2: torch.Tensor,
     first_expert: int = 0,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``Σ_k weights[t,k] · down_e(silu(gate_e x) ⊙ up_e x)`` over the experts held here.
 
     w13 [E_local, 2I, H] (gate rows then up rows), w2 [E_local, H, I]; ``first_expert`` is the global
-    id of local expert 0 (expert parallelism); experts not held here contribute nothing.
+    id of local expert 0 (expert parallelism); experts not held here contribute nothing. FP8 experts
+    pass their block scales (``w13_scale [E, 2I/bn, H/bk]``, ``w2_scale``) and ``block``; only the
+    experts some token chose are dequantized (all 256 at once would be gigabytes of fp32).
     """
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for local in range(w13.shape[0]):
         tok, slot = (ids == first_expert + local).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        gate, up = F.linear(x[tok], w13[local]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[local]).float()
+        a, b = w13[local], w2[local]
+        if a.dtype == FP8:
+            assert w13_scale is not None and w2_scale is not None and block is not None
+            a = dequantize(a, w13_scale[local], block, x.dtype)
+            b = dequantize(b, w2_scale[local], block, x.dtype)
+        gate, up = F.linear(x[tok], a).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, b).float()
         out.index_add_(0, tok, y * weights[tok, slot, None])
     return out
 
@@ -135,8 +147,9 @@ class SparseMoE(nn.Module):
                     (slice(local, local + 1), slice(0, h), slice(0, local_inter)),
                 )
             )
-        self.w13 = make_param((n_local, 2 * local_inter, h), dtype, device, w13_pieces)
-        self.w2 = make_param((n_local, h, local_inter), dtype, device, w2_pieces)
+        make_weight(self, (n_local, 2 * local_inter, h), dtype, device, w13_pieces, name="w13")
+        make_weight(self, (n_local, h, local_inter), dtype, device, w2_pieces, name="w2")
+        self.fp8_block: tuple[int, int] | None = getattr(self.w13, "fp8_block", None)
         self.shared_experts = (
             DenseMLP(
                 f"{prefix}.shared_experts",
@@ -151,8 +164,12 @@ class SparseMoE(nn.Module):
             else None
         )
         self.use_kernels = False  # set by LingForCausalLM.set_use_kernels
-        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stacked: tuple[torch.Tensor, ...] | None = None
         self._zero_bias = torch.zeros(n, dtype=torch.float32, device=device)
+        if self._stackable():
+            # Stack the shared expert now, while the weights are zeros: the kernel's [E+1] layout
+            # then exists from the start and a full-size model never holds two copies of a layer.
+            self.stacked_weights()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.gate.weight)
@@ -167,24 +184,30 @@ class SparseMoE(nn.Module):
             c.routed_scaling_factor,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
+        """[T, H] in x's dtype; with ``partials`` the Triton decode path may instead return its fp32
+        per-(token, slot) outputs [T, K+1, H] un-summed (see ``_forward_kernels``): callers check
+        ``dim()`` and feed them to ``norms.add_rmsnorm_partials``."""
         if self.use_kernels and self._kernel_ok(x):
-            return self._forward_kernels(x)
+            return self._forward_kernels(x, partials)
         weights, ids = self.route(x)
-        out = experts_reference(x, weights, ids, self.w13, self.w2, self.first_expert)
+        out = experts_reference(
+            x, weights, ids, self.w13, self.w2, self.first_expert,
+            getattr(self, "w13_scale_inv", None), getattr(self, "w2_scale_inv", None), self.fp8_block,
+        )  # fmt: skip
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
         return self.tp.all_reduce(out).to(x.dtype)
 
     # ---- Triton path ---------------------------------------------------------------------------------
-    # The grouped kernel compacts each expert's token rows in registers (a decode kernel): above this
-    # many tokens (prefill chunks) the plain path is used.
+    # The decode kernel compacts each expert's token rows in registers: above this many tokens
+    # (prefill chunks) the plain path is used, unless fused_moe has its sort-based grouped GEMM.
     MAX_KERNEL_TOKENS = 128
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         c = self.cfg
         return (
-            x.shape[0] <= self.MAX_KERNEL_TOKENS
+            (x.shape[0] <= self.MAX_KERNEL_TOKENS or _fused_moe_has_prefill())
             and self.first_expert == 0
             and self.w13.shape[0] == c.num_experts  # no expert parallelism (ids are global)
             and c.norm_topk_prob  # the fused router always renormalises
@@ -202,32 +225,47 @@ class SparseMoE(nn.Module):
             and self.shared_experts.down_proj.weight.shape == self.w2.shape[1:]
         )
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [E(+1), 2I, H], w2 [E(+1), H, I]) with the shared expert last, as ``fused_moe`` wants.
+    def stacked_weights(self) -> tuple[torch.Tensor, ...]:
+        """(w13 [E(+1), 2I, H], w2 [E(+1), H, I]) with the shared expert last, as ``fused_moe`` wants;
+        FP8 experts add their scales: (w13, w2, w13_scale, w2_scale).
 
         Built once: the parameters are re-pointed at views of the stacked storage, so memory is not
         doubled and a later in-place weight load (``copy_``) still lands in what the kernel reads.
         """
+        fp8 = self.fp8_block is not None
         if self._stacked is not None and self._stacked[0].data_ptr() == self.w13.data_ptr():
             return self._stacked
+        names = ["w13", "w2"] + (["w13_scale_inv", "w2_scale_inv"] if fp8 else [])
+        own = [getattr(self, name) for name in names]
         if self.shared_experts is None:
-            self._stacked = (self.w13.data, self.w2.data)
+            self._stacked = tuple(p.data for p in own)
             return self._stacked
-        gu, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
-        w13 = torch.cat([self.w13.data, gu.data[None]], dim=0)
-        w2 = torch.cat([self.w2.data, down.data[None]], dim=0)
+        sh = self.shared_experts
+        shared = [sh.gate_up_proj.weight, sh.down_proj.weight]
+        if fp8:
+            shared += [sh.gate_up_proj.weight_scale_inv, sh.down_proj.weight_scale_inv]
         e = self.w13.shape[0]
-        self.w13.data, self.w2.data = w13[:e], w2[:e]
-        gu.data, down.data = w13[e], w2[e]
-        self._stacked = (w13, w2)
+        stacked = []
+        for mine, theirs in zip(own, shared, strict=True):
+            # empty + copy_ rather than cat: plain copies are what every float8 build supports.
+            full = torch.empty((e + 1, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+            full[:e].copy_(mine.data)
+            full[e].copy_(theirs.data)
+            mine.data, theirs.data = full[:e], full[e]
+            stacked.append(full)
+        self._stacked = tuple(stacked)
         return self._stacked
 
-    def _forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_kernels(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
         from ling_runtime.kernels import fused_moe, moe_route
+        from ling_runtime.kernels.moe import GROUPED_FROM, GROUPED_FROM_FP8
 
         c = self.cfg
-        w13, w2 = self.stacked_weights()
-        logits = F.linear(x.float(), self.gate.weight)
+        w13, w2, *scales = self.stacked_weights()
+        from ling_runtime.kernels.moe import router_logits
+
+        # The gate GEMV reads x in its own dtype (no fp32 copy of x) with an expert-split grid.
+        logits = router_logits(x, self.gate.weight)
         bias = self.gate.expert_bias if self.gate.expert_bias is not None else self._zero_bias
         ids, weights = moe_route(
             logits,
@@ -239,13 +277,41 @@ class SparseMoE(nn.Module):
             append_shared=self.shared_experts is not None,
         )
         inter, hid = w2.shape[2], w2.shape[1]
-        out = fused_moe(
-            x.contiguous(),
-            w13,
-            w2,
-            ids,
-            weights,
-            block_n=(min(64, inter), min(64, hid)),
-            block_k=(min(128, hid), min(128, inter)),
-        )
+        tiles = {"block_n": (min(64, inter), min(64, hid)), "block_k": (min(128, hid), min(128, inter))}
+        # The FP8 kernels need gate and up rows in separate 128-blocks (I/tp a multiple of 128).
+        fp8 = bool(scales) and _fused_moe_takes_scales() and self.fp8_block == (128, 128) and inter % 128 == 0
+        # Un-reduced partials only from the decode kernels (the grouped prefill GEMM reduces itself)
+        # and only at TP 1 (TP all-reduces the summed output first).
+        raw = partials and self.tp.size == 1 and x.shape[0] < (GROUPED_FROM_FP8 if fp8 else GROUPED_FROM)
+        if fp8:
+            sc = {"w13_scale": scales[0], "w2_scale": scales[1]}
+            out = fused_moe(x.contiguous(), w13, w2, ids, weights, reduce=not raw, **sc, **tiles)
+        elif scales:
+            # No FP8 grouped kernel for this block (or yet): the bf16 kernel on dequantized experts.
+            assert self.fp8_block is not None
+            w13d = dequantize(w13, scales[0], self.fp8_block, x.dtype)
+            w2d = dequantize(w2, scales[1], self.fp8_block, x.dtype)
+            out = fused_moe(x.contiguous(), w13d, w2d, ids, weights, reduce=not raw, **tiles)
+        else:
+            out = fused_moe(x.contiguous(), w13, w2, ids, weights, reduce=not raw, **tiles)
         return self.tp.all_reduce(out.float()).to(x.dtype) if self.tp.size > 1 else out
+
+
+@functools.cache
+def _fused_moe_takes_scales() -> bool:
+    """Whether ``kernels.moe.fused_moe`` has the FP8 ``w13_scale``/``w2_scale`` arguments."""
+    import inspect
+
+    from ling_runtime.kernels import fused_moe
+
+    return "w13_scale" in inspect.signature(fused_moe).parameters
+
+
+@functools.cache
+def _fused_moe_has_prefill() -> bool:
+    """Whether ``fused_moe`` switches to the grouped (prefill) GEMM for large token counts itself."""
+    import inspect
+
+    from ling_runtime.kernels import fused_moe
+
+    return "grouped_from" in inspect.signature(fused_moe).parameters
