@@ -50,7 +50,7 @@ def render(path: Path) -> str:
 
 
 def main() -> None:
-    names = sys.argv[1:] or sorted(p.name for p in RESULTS.glob("gpu-*.json"))
+    names = sys.argv[1:] or sorted(p.name for p in RESULTS.glob("gpu-*-run*.json"))
     print("\n".join(render(RESULTS / n) for n in names))
 
 
