@@ -58,17 +58,13 @@ from ling_runtime.model.linear import (
     quantize_blocks,
 )
 from ling_runtime.tiny import tiny_config
+from runtime_graphs import FLASH_DIMS, PAGE
 
-PAGE = 16
-# Ling-2.6-flash (reference/model.md §1): MLA at layers 7/15/23/31, layer 0 dense, one MTP layer.
+# Ling-2.6-flash (reference/model.md §1): the real dims of runtime_graphs.py, with its 32 layers
+# (MLA at 7/15/23/31), layer 0 dense and one MTP layer.
 FLASH = {
-    "vocab_size": 157184, "hidden_size": 4096, "intermediate_size": 9216, "moe_intermediate_size": 1024,
-    "num_hidden_layers": 32, "layer_group_size": 8, "first_k_dense_replace": 1, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "head_dim": 128, "group_norm_size": 4, "q_lora_rank": 1536,
-    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "rope_theta": 6_000_000.0, "max_position_embeddings": 131072, "num_experts": 256,
-    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
-    "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16",
+    **FLASH_DIMS, "num_hidden_layers": 32, "layer_group_size": 8, "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
 }  # fmt: skip
 RESULTS: dict = {"env": environment()}
 T0 = time.time()

@@ -34,9 +34,8 @@ from ling_runtime.engine.runner import ModelRunner
 from ling_runtime.engine.spec_graphs import SpecGraphs
 from ling_runtime.model import LingForCausalLM
 from ling_runtime.tiny import init_random_weights, tiny_config
-from runtime_graphs import FLASH_DIMS, fill_random
+from runtime_graphs import FLASH_DIMS, PAGE, fill_random
 
-PAGE = 16
 RESULTS: dict = {"env": environment()}
 ACCEPTANCE = (0.5, 0.7, 0.9)
 

@@ -634,7 +634,7 @@ def fused_moe(
     weights: torch.Tensor,
     block_m: int = 16,
     block_n: tuple[int, int] | None = None,
-    block_k: tuple[int, int] = (128, 128),
+    block_k: tuple[int, int] | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
     m_progs: int = 1,
@@ -712,8 +712,12 @@ def fused_moe(
         # batch (fp8 B=1 87.8 vs 65.7 us, B=8 325 vs 207 us, B=32 548 vs 397 us), so they are opt-in.
         swap = False
     if block_n is None:
-        # fp8 B >= 32: wider down tiles (round 2: 397 vs 441 us at B=32); otherwise 64 x 64.
-        block_n = (64, 128) if fp8 and bsz >= 32 and not swap else (64, 64)
+        # fp8 B >= 32: wider down tiles (round 2: 397 vs 441 us at B=32); otherwise 64 x 64. Default
+        # tiles shrink to small models' dims (the up tile spans I, the down tile the hidden size).
+        bn_down = 128 if fp8 and bsz >= 32 and not swap else 64
+        block_n = (min(64, inter), min(bn_down, hid))
+    if block_k is None:
+        block_k = (min(128, hid), min(128, inter))
     assert not (swap and mode == 2), "act_fp8 runs the unswapped decode kernels"
     subk = [min(bk, qb) if fp8 and swap else bk for bk in block_k]
     assert ids.stride(1) == 1 and weights.stride() == ids.stride() and ids.stride(0) == kstride

@@ -16,7 +16,7 @@ from ling_runtime.model.lightning import LightningAttention
 from ling_runtime.model.linear import ParallelLMHead, VocabParallelEmbedding, fp8_weights
 from ling_runtime.model.mla import MLAttention
 from ling_runtime.model.mlp import DenseMLP
-from ling_runtime.model.moe import SparseMoE
+from ling_runtime.model.moe import SparseMoE, mlp_add_rmsnorm
 from ling_runtime.model.mtp import MTPLayer
 from ling_runtime.model.norms import RMSNorm
 from ling_runtime.model.rope import rope_step_memo
@@ -215,7 +215,7 @@ class LingForCausalLM(nn.Module):
             ln2 = layer.post_attention_layernorm
             y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            y, residual = _mlp_add_rmsnorm(layer.mlp, y, residual, nxt)
+            y, residual = mlp_add_rmsnorm(layer.mlp, y, residual, nxt)
         return y
 
     @torch.no_grad()
@@ -236,25 +236,8 @@ class LingForCausalLM(nn.Module):
         batch = self._on_device(batch, cache)
         embeds = self.model.word_embeddings(batch.input_ids)
         if self.use_kernels and _pow2(self.config.hidden_size):
-            return self._mtp_fused_norms(embeds, prev_hidden.to(self.device), batch, cache)
+            return self.mtp.forward_fused_norms(embeds, prev_hidden.to(self.device), batch, cache)
         return self.mtp(embeds, prev_hidden.to(self.device), batch, cache)
-
-    def _mtp_fused_norms(
-        self, embeds: torch.Tensor, prev_hidden: torch.Tensor, batch: ForwardBatch, cache: LingCache
-    ) -> torch.Tensor:
-        """``MTPLayer.forward`` with its residual adds fused into the next norms, as in
-        ``_forward_fused_norms`` (the MoE's partials go straight into ``final_layernorm``)."""
-        from ling_runtime.kernels import add_rmsnorm
-
-        mtp = self.mtp
-        assert mtp is not None
-        z = mtp.eh_proj(torch.cat([mtp.enorm(embeds), mtp.hnorm(prev_hidden.to(embeds.dtype))], dim=-1))
-        residual = z.contiguous()
-        a = mtp.attention(mtp.input_layernorm(residual), batch, cache)
-        ln2 = mtp.post_attention_layernorm
-        y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
-        y, _ = _mlp_add_rmsnorm(mtp.mlp, y, residual, mtp.final_layernorm)
-        return y
 
     def _on_device(self, batch: ForwardBatch, cache: LingCache) -> ForwardBatch:
         if self.config.mla_layer_ids or self.mtp is not None:
@@ -264,20 +247,6 @@ class LingForCausalLM(nn.Module):
         d = batch.input_ids.device
         same = d.type == self.device.type and (self.device.index is None or d.index == self.device.index)
         return batch if same else batch.to(self.device)
-
-
-def _mlp_add_rmsnorm(
-    mlp: nn.Module, y: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``add_rmsnorm(mlp(y), residual)``; a MoE hands over its un-reduced partials where it can, so
-    their sum, the bf16 cast and the add + norm are one launch instead of three."""
-    from ling_runtime.kernels import add_rmsnorm
-    from ling_runtime.kernels.norms import add_rmsnorm_partials
-
-    m = mlp(y, partials=True) if isinstance(mlp, SparseMoE) else mlp(y)
-    if m.dim() == 3:
-        return add_rmsnorm_partials(m, residual, norm.weight, norm.eps)
-    return add_rmsnorm(m.contiguous(), residual, norm.weight, norm.eps)
 
 
 def _pow2(n: int) -> bool:

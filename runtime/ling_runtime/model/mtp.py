@@ -16,7 +16,7 @@ from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
 from ling_runtime.model.linear import ReplicatedLinear
 from ling_runtime.model.mla import MLAttention
-from ling_runtime.model.moe import SparseMoE
+from ling_runtime.model.moe import SparseMoE, mlp_add_rmsnorm
 from ling_runtime.model.norms import RMSNorm
 
 
@@ -49,3 +49,18 @@ class MTPLayer(nn.Module):
         z = z + self.attention(self.input_layernorm(z), batch, cache)
         z = z + self.mlp(self.post_attention_layernorm(z))
         return self.final_layernorm(z)
+
+    def forward_fused_norms(
+        self, embeds: torch.Tensor, prev_hidden: torch.Tensor, batch: ForwardBatch, cache: LingCache
+    ) -> torch.Tensor:
+        """``forward`` on the Triton path: each residual add fused into the next norm (the MoE's
+        partials go straight into ``final_layernorm``), as the main model's layers do."""
+        from ling_runtime.kernels import add_rmsnorm
+
+        z = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(prev_hidden.to(embeds.dtype))], dim=-1))
+        residual = z.contiguous()
+        a = self.attention(self.input_layernorm(residual), batch, cache)
+        ln2 = self.post_attention_layernorm
+        y, residual = add_rmsnorm(a.contiguous(), residual, ln2.weight, ln2.eps)
+        y, _ = mlp_add_rmsnorm(self.mlp, y, residual, self.final_layernorm)
+        return y
