@@ -6,7 +6,8 @@
 #   hack/cluster.sh up          start it (idempotent) and wait until the API and the GPU nodes are ready
 #   hack/cluster.sh down        stop every process and remove every file `up` made
 #   hack/cluster.sh status      say what runs (components, pids, RSS, nodes)
-#   hack/cluster.sh healthy     exit 0 when the API answers /readyz, else 1 (quiet; for scripts)
+#   hack/cluster.sh healthy     exit 0 when the API answers /readyz and every component runs, else 1
+#                               (quiet; for scripts)
 #   hack/cluster.sh kubeconfig  print the kubeconfig path
 #
 # Environment: LING_CACHE (default ~/.cache/ling), KWOK_WORKDIR (default $LING_CACHE/cluster),
@@ -26,6 +27,10 @@ KUBECONFIG_PATH="$KWOK_WORKDIR/kubeconfig"
 API_PORT="${LING_APISERVER_PORT:-16443}"
 LOGS="$CACHE/logs"
 TOOLS=(kwokctl kwok etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# The processes kwokctl runs for the cluster, by the names of their pid files. /readyz alone says
+# nothing of the scheduler or the controller-manager: a cluster without them answers and never
+# schedules a pod.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok-controller)
 # kwokctl finds kubectl on PATH; ours must win over any system kubectl of another minor version.
 export PATH="$BIN:$PATH"
 # Make kwokctl's version checks agree with what we built, and never let it reach for the network.
@@ -71,13 +76,43 @@ lock() {
   flock -w 600 9 || die "another 'hack/cluster.sh' has held $f for 10 minutes; see 'ps -ef | grep cluster.sh'"
 }
 
-healthy() {
+api_ready() {
   [ -f "$KUBECONFIG_PATH" ] || return 1
   [ "$(kc get --raw=/readyz --request-timeout=5s 2>/dev/null)" = "ok" ]
 }
 
+healthy() { api_ready && [ -z "$(dead_components)" ]; }
+
 # Who listens on a TCP port of loopback (empty when free).
 port_user() { ss -Hltnp "sport = :$1" 2>/dev/null || true; }
+
+# Is pid $1 still one of this cluster's components? (pids get reused; a zombie has no cmdline)
+ours() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF "$CLUSTER_DIR/"; }
+
+# The components whose process is gone (no pid file, or its pid is no longer ours), one per line.
+dead_components() {
+  local comp f
+  for comp in "${COMPONENTS[@]}"; do
+    f="$CLUSTER_DIR/pids/$comp.pid"
+    if [ ! -f "$f" ] || ! ours "$(tr -dc '0-9' <"$f")"; then echo "$comp"; fi
+  done
+}
+
+# Start the dead components again, keeping etcd's data (every object survives). `kwokctl start`
+# starts a component only when its pid file is missing, so the stale files go first.
+revive() {
+  local dead comp i
+  dead="$(dead_components)"
+  [ -n "$dead" ] || return 0
+  say "restarting dead components: $(echo $dead) (logs: $CLUSTER_DIR/logs/)"
+  for comp in $dead; do rm -f "$CLUSTER_DIR/pids/$comp.pid"; done
+  kwokctl start cluster --name "$NAME" >>"$LOGS/cluster-up.log" 2>&1 9>&- || return 1
+  for i in $(seq 1 60); do
+    healthy && return 0
+    sleep 1
+  done
+  return 1
+}
 
 component_pids() {
   local f
@@ -155,10 +190,12 @@ up() {
   lock
   local created=0
   if healthy; then
-    say "cluster '$NAME' is already running"
+    say "cluster '$NAME' is already running (all ${#COMPONENTS[@]} components)"
+  elif [ -d "$CLUSTER_DIR" ] && revive; then
+    say "cluster '$NAME' is running again"
   elif [ -d "$CLUSTER_DIR" ]; then
-    # Half-dead (a crash, a reboot, a killed component): a fresh cluster takes ~10 s and is
-    # predictable, where `kwokctl start` can wait forever on a component it thinks runs.
+    # Components restarted but the API still does not answer (a broken etcd, say): a fresh cluster
+    # takes ~10 s and is predictable.
     say "cluster '$NAME' exists but is not answering; recreating it (old logs: $LOGS/cluster-previous/)"
     rm -rf "$LOGS/cluster-previous"
     cp -r "$CLUSTER_DIR/logs" "$LOGS/cluster-previous" 2>/dev/null || true
@@ -184,9 +221,6 @@ up() {
   fi
   report
 }
-
-# Is pid $1 still one of this cluster's components? (pids get reused)
-ours() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF "$CLUSTER_DIR/"; }
 
 teardown() {
   local comps
@@ -234,8 +268,9 @@ status() {
   fi
   local comp pid rss total=0 state
   echo "cluster '$NAME' (workdir $CLUSTER_DIR)"
-  while read -r comp pid; do
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  for comp in "${COMPONENTS[@]}"; do
+    pid="$({ tr -dc '0-9' <"$CLUSTER_DIR/pids/$comp.pid"; } 2>/dev/null || true)"
+    if [ -n "$pid" ] && ours "$pid"; then
       rss=$(ps -o rss= -p "$pid" | tr -d ' ')
       total=$((total + rss))
       state="running  pid $pid  rss $((rss / 1024)) MiB"
@@ -243,9 +278,9 @@ status() {
       state="NOT running"
     fi
     printf '  %-24s %s\n' "$comp" "$state"
-  done < <(component_pids)
+  done
   echo "  total rss: $((total / 1024)) MiB"
-  if healthy; then
+  if api_ready; then
     echo "  api: https://127.0.0.1:$API_PORT ready; kubeconfig $KUBECONFIG_PATH"
     kc get nodes -L nvidia.com/gpu.product,topology.kubernetes.io/zone,topology.ling.dev/rack 2>/dev/null | sed 's/^/  /'
   else
