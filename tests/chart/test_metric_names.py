@@ -3,6 +3,9 @@
 The exported names come from the real registries (the runtime's RuntimeMetrics, the operator's metrics
 module), expanded the way prometheus-client exposes them (counters as _total, histograms as
 _bucket/_sum/_count), so a renamed metric or a typo in a panel fails here, not on a blank dashboard.
+The serving panels and alerts read the ling:* series of the chart's recording rules; each rule reads
+only names its engine exports: the native runtime's registry, or SGLang's and vLLM's names kept as
+data with their source (engine_metric_names.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from . import engine_metric_names
 from .chart_tools import MATRIX, one, render
 
 # Words of PromQL that look like metric names but are not.
@@ -49,7 +53,7 @@ def exposed_names(registry: CollectorRegistry) -> set[str]:
 
 
 def runtime_metric_names() -> set[str]:
-    from ling_runtime.server.metrics import RuntimeMetrics
+    from ling_runtime.telemetry import RuntimeMetrics
 
     return exposed_names(RuntimeMetrics("ling-test").registry)
 
@@ -79,9 +83,27 @@ def dashboard_expressions() -> list[str]:
     return exprs
 
 
-def alert_expressions() -> dict[str, str]:
+def _rules() -> list[dict[str, Any]]:
     rule: dict[str, Any] = one(render(MATRIX["monitoring"]), "PrometheusRule")
-    return {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def alert_expressions() -> dict[str, str]:
+    return {r["alert"]: r["expr"] for r in _rules() if "alert" in r}
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [r for r in _rules() if "record" in r]
+
+
+def engine_exported_names(engine: str) -> set[str]:
+    if engine == "native":
+        return runtime_metric_names()
+    return exposed_names(engine_metric_names.registry(engine))
+
+
+# The labels every recorded ling:* series keeps (histogram buckets add le).
+RECORDED_LABELS = {"namespace", "ling_deployment", "ling_group", "ling_engine", "le"}
 
 
 def test_the_promql_reader_finds_exactly_the_metric_names() -> None:
@@ -101,14 +123,54 @@ def test_the_registries_expose_the_architecture_names() -> None:
 
 
 def test_every_dashboard_metric_is_exported() -> None:
-    exported = runtime_metric_names() | operator_metric_names()
+    recorded = {r["record"] for r in recording_rules()}
+    exported = runtime_metric_names() | operator_metric_names() | recorded
     used = set().union(*(promql_metric_names(e) for e in dashboard_expressions()))
     assert used, "the dashboard queries nothing"
     assert not used - exported, f"dashboard queries metrics nobody exports: {sorted(used - exported)}"
+    # Serving panels read the recorded series, so they work for every engine.
+    raw = {n for n in used if n.startswith(("ling_runtime_", "sglang:", "vllm:"))}
+    assert not raw, f"dashboard reads one engine's names instead of ling:* series: {sorted(raw)}"
+
+
+def test_recording_rules_read_only_names_their_engine_exports() -> None:
+    engines: set[str] = set()
+    for rule in recording_rules():
+        engine = rule["labels"]["ling_engine"]
+        engines.add(engine)
+        used = promql_metric_names(rule["expr"])
+        assert used, f"{rule['record']} ({engine}) reads no metric"
+        foreign = used - engine_exported_names(engine)
+        assert not foreign, (
+            f"{rule['record']} ({engine}) reads {sorted(foreign)}, which {engine} does not export"
+        )
+    assert engines == {"native", "sglang", "vllm"}
+
+
+def test_every_engine_name_kept_as_data_is_read_by_a_rule() -> None:
+    # The data file lists what the rules read, no more: a stale entry would hide a dropped mapping.
+    read = set().union(*(promql_metric_names(r["expr"]) for r in recording_rules()))
+    for engine in ("sglang", "vllm"):
+        families = {
+            family.name: {family.name + s for s in _SUFFIXES[family.type]}
+            for family in engine_metric_names.registry(engine).collect()
+        }
+        unread = [name for name, samples in families.items() if not samples & read]
+        assert not unread, f"{engine} metrics no rule reads: {unread}"
+
+
+def test_recorded_series_are_read_with_the_labels_the_rules_keep() -> None:
+    recorded = {r["record"] for r in recording_rules()}
+    for expr in dashboard_expressions() + list(alert_expressions().values()):
+        if promql_metric_names(expr) & recorded:
+            # label_replace's target may be grouped on; the operator metric's labels are checked below.
+            extra = promql_label_names(expr) - RECORDED_LABELS - {"deployment"}
+            assert not extra, f"{expr} uses labels the recording rules drop: {sorted(extra)}"
 
 
 def test_every_alert_metric_is_exported() -> None:
-    exported = runtime_metric_names() | operator_metric_names()
+    recorded = {r["record"] for r in recording_rules()}
+    exported = runtime_metric_names() | operator_metric_names() | recorded
     for alert, expr in alert_expressions().items():
         used = promql_metric_names(expr)
         assert used, f"{alert} queries no metric"
