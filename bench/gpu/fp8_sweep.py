@@ -1,20 +1,21 @@
 # ruff: noqa: B023  (each lambda is called at once by time_calls, inside its loop iteration)
-"""FP8 block-scaled linear sweep. Round 3 (``--only m1``): M = 1 gemv recipes (in-kernel split-K
-fix-up, 128-column chunks, more split-K for the small shapes) against the round-2 winners;
-the other regimes are round 2's: the fp16 tensor-core path against the round-1 winners.
+"""FP8 block-scaled linear sweep. ``--only m1``: M = 1 gemv recipes (128-column chunks, cp.async
+stages, more split-K for the small shapes) against the current DISPATCH entry; the other regimes:
+fp16 tensor-core recipes against the DISPATCH entry and the default. History: docs/gpu-notes.md.
 
 For each shape (N x K) and token count M: checks each variant against the fp32 dequantised
 reference at real size (relerr recorded), times it in CUDA graphs with the weight rotated over
 enough copies to defeat the 60 MB L2, and reports us, GB/s and x_read (fraction of the read
 ceiling measured in the same run); cuBLAS bf16 on the same shape is the peer. Variants: the
-current DISPATCH entry (the round-1 winner) and 3-5 ``f16`` recipes per regime; at M = 1 the
-gemv recipes of ``m1_variants`` (cuBLAS bf16 and the round-2 winner are the references); prefill (M = 8192) only compares dequant-to-bf16 + cuBLAS with cuBLAS bf16. Prints
+current DISPATCH entry and 3-4 ``f16`` recipes per regime; at M = 1 the gemv recipes of
+``m1_variants`` (cuBLAS bf16 and the DISPATCH entry are the references); prefill (M = 8192) only
+compares dequant-to-bf16 + cuBLAS with cuBLAS bf16. Prints
 the winners and a ready-to-paste ``DISPATCH`` for kernels/fp8.py (all buckets: a bucket this run
 does not measure takes the winner of the next measured M above it). A variant that fails is
 recorded and the sweep goes on; results are rewritten after every shape.
 
     python3 bench/gpu/fp8_sweep.py                 # on the H200 (~60-90 s; writes $OUT/gpu-fp8-sweep.json)
-    python3 bench/gpu/fp8_sweep.py --only m1 --budget 50   # round 3 (~40 s); regimes: m1, decode, verify, prefill
+    python3 bench/gpu/fp8_sweep.py --only m1 --budget 50   # M = 1 (~40 s); regimes: m1, decode, verify, prefill
     python3 bench/gpu/fp8_sweep.py --ptxas         # no GPU: registers / spills of every binary
     TRITON_INTERPRET=1 python3 bench/gpu/fp8_sweep.py --tiny   # CPU smoke run of the same code
 """
@@ -68,68 +69,58 @@ def f16_variants(m: int, n: int, k: int, sms: int) -> list[Fp8Config]:
     """fp16 tensor-core recipes per regime (registers / smem: ptxas for sm_90a, --ptxas).
 
     BM = 16 (M <= 16): 64 or 128 weight rows per program, 1-4 K blocks per step; split-K to ~2 or
-    ~4 programs per SM, fixed up in-kernel ('lr'); one row keeps the reduce launch to price it.
+    ~4 programs per SM, fixed up in-kernel.
     BM = 32: the same plus x converted in a separate pass ('xp'). BM = 128 (M = 128): x always
     pre-converted except the 8-warp 128x128 tile (251 regs, no spill; with xp it spills), and
     BM = 64 (two token tiles re-reading W, hopefully from L2).
     """
     bm = max(16, triton.next_power_of_2(m))
-    # (bm, rows, K blocks per step, warps, stages, programs per SM, xpre, lastred)
+    # (bm, rows, K blocks per step, warps, stages, programs per SM, xpre)
     if bm == 16:
         recipes = [
-            (16, 64, 2, 4, 4, 2.0, False, True),  # 112-136 regs, 78 KB smem
-            (16, 128, 1, 8, 4, 2.0, False, True),  # 117 regs, 64 KB
-            (16, 64, 4, 4, 3, 2.0, False, True),  # 32 KB of W per step
-            (16, 64, 2, 4, 4, 4.0, False, True),  # twice the programs
-            (16, 64, 2, 4, 4, 2.0, False, False),  # reduce launch instead of the fix-up
-        ][: 5 if m == 1 else 4]
+            (16, 64, 2, 4, 4, 2.0, False),  # 112-136 regs, 78 KB smem
+            (16, 128, 1, 8, 4, 2.0, False),  # 117 regs, 64 KB
+            (16, 64, 4, 4, 3, 2.0, False),  # 32 KB of W per step
+            (16, 64, 2, 4, 4, 4.0, False),  # twice the programs
+        ]
     elif bm <= 32:
         recipes = [
-            (32, 64, 2, 4, 3, 2.0, False, True),  # 158 regs
-            (32, 64, 2, 4, 3, 2.0, True, True),  # 174 regs, 115 KB
-            (32, 128, 1, 8, 3, 2.0, False, True),
-            (32, 64, 1, 4, 4, 3.0, False, True),
+            (32, 64, 2, 4, 3, 2.0, False),  # 158 regs
+            (32, 64, 2, 4, 3, 2.0, True),  # 174 regs, 115 KB
+            (32, 128, 1, 8, 3, 2.0, False),
+            (32, 64, 1, 4, 4, 3.0, False),
         ]
     else:
         recipes = [
-            (128, 64, 1, 4, 3, 2.0, True, True),  # 255 regs, 115 KB: 1 program per SM
-            (128, 128, 1, 8, 3, 2.0, False, True),  # 251 regs, 128 KB
-            (64, 64, 1, 4, 3, 2.0, True, True),
-            (64, 128, 1, 8, 3, 2.0, True, True),
+            (128, 64, 1, 4, 3, 2.0, True),  # 255 regs, 115 KB: 1 program per SM
+            (128, 128, 1, 8, 3, 2.0, False),  # 251 regs, 128 KB
+            (64, 64, 1, 4, 3, 2.0, True),
+            (64, 128, 1, 8, 3, 2.0, True),
         ]
     out = []
-    for tm, bn, kb, warps, stages, waves, xpre, lastred in recipes:
+    for tm, bn, kb, warps, stages, waves, xpre in recipes:
         tm = min(tm, bm)
         kb = kb if (k // QBLOCK) % kb == 0 else 1
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, tm)
         split = auto_split(tiles, k // (kb * QBLOCK), sms, waves)
-        out.append(Fp8Config("f16", bm=tm, bn=bn, kb=kb, split=split, warps=warps, stages=stages, xpre=xpre,
-                             lastred=lastred))  # fmt: skip
+        out.append(Fp8Config("f16", bm=tm, bn=bn, kb=kb, split=split, warps=warps, stages=stages, xpre=xpre))
     return out
 
 
-# Round-2 M = 1 winners (gemv 32 x 512, 8 warps, registers, split-K + reduce launch), kept here
-# because DISPATCH now holds the round-3 guesses: every M = 1 row is timed against them.
-R2_M1 = {(n, k): Fp8Config("gemv", split=sp, warps=8, stages=1) for n, k, sp in (
-    (12288, 4096, 1), (4096, 4096, 2), (18432, 4096, 1), (4096, 9216, 2), (157184, 4096, 1), (1536, 4096, 4),
-    (6144, 1536, 1), (576, 4096, 4), (4096, 8192, 2))}  # fmt: skip
-
-
 def m1_variants(n: int, k: int, sms: int) -> list[Fp8Config]:
-    """Round 3, M = 1: the round-2 winner, the same with the in-kernel split-K fix-up ('lr'), the
-    128-column-chunk step ('ch', no shared-memory shuffle of x, fewer registers), and for the
+    """M = 1: the DISPATCH entry (else the default), the same tile with the 128-column-chunk step
+    ('ch', no shared-memory shuffle of x, fewer registers), with cp.async stages, and for the
     latency-bound small shapes (one wave of few programs) more split-K so that every program has
     1-2 steps and ~4 programs per SM are launched: 32 x 512 at 8 warps, 16 x 1024 at 4 warps
     (16 KB per step either way), 16 x 512 at 8 warps (48 registers chunked: more resident CTAs).
-    Registers (sm_90 ptxas, lastred): 32x512 w8 128 / ch 89 / ch st3 48; 16x1024 w4 241 / ch 163;
+    Registers (sm_90 ptxas, split-K fixed up in-kernel): 32x512 w8 128 / ch 89 / ch st3 48; 16x1024 w4 241 / ch 163;
     16x512 w8 ch 48. Every shape's weight loads are 16-byte (LDG.E.128) in all of them."""
-    r2 = R2_M1.get((n, k)) or default_config(1, n, k, sms)
-    lr = r2.split > 1
-    out = [r2, Fp8Config("gemv", split=r2.split, warps=8, stages=1, lastred=lr),
-           Fp8Config("gemv", split=r2.split, warps=8, stages=1, lastred=lr, chunk=True),
+    cur = DISPATCH.get((n, k, 1)) or default_config(1, n, k, sms)
+    out = [cur, Fp8Config("gemv", split=cur.split, warps=8, stages=1),
+           Fp8Config("gemv", split=cur.split, warps=8, stages=1, chunk=True),
            # chunked with cp.async stages (2 steps in flight; 48 regs, 35 KB smem): ptxas sinks some
            # register-path weight loads below the first FMAs, the pipelined loads it cannot
-           Fp8Config("gemv", split=r2.split, warps=8, stages=3, lastred=lr, chunk=True)]  # fmt: skip
+           Fp8Config("gemv", split=cur.split, warps=8, stages=3, chunk=True)]  # fmt: skip
     for bn, bk, warps, chunk in ((32, 512, 8, False), (32, 512, 8, True), (16, 1024, 4, False), (16, 1024, 4, True),
                                  (16, 512, 8, True)):  # fmt: skip
         if k % bk:
@@ -142,13 +133,8 @@ def m1_variants(n: int, k: int, sms: int) -> list[Fp8Config]:
         if n * k <= 16 << 20 and want > 1:  # the latency-bound small shapes
             splits.append(min(kst, 16))
         for split in dict.fromkeys(splits):
-            out.append(Fp8Config("gemv", bn=bn, bk=bk, split=split, warps=warps, stages=1, lastred=split > 1,
-                                 chunk=chunk))  # fmt: skip
-    d = default_config(1, n, k, sms)
-    cur = DISPATCH.get((n, k, 1))
-    for c in (d, cur):
-        if c is not None:
-            out.append(c)
+            out.append(Fp8Config("gemv", bn=bn, bk=bk, split=split, warps=warps, stages=1, chunk=chunk))
+    out.append(default_config(1, n, k, sms))
     return list(dict.fromkeys(out))
 
 
@@ -225,8 +211,8 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], budget: float, tiny: b
         except Exception:
             peer = record(shape, m, "cuBLAS bf16", None, 0, None, error=traceback.format_exc()[-800:])
         d = default_config(m, n, k, sms)
-        # 'prev': what this round is measured against (the round-2 winner at M = 1)
-        r1 = R2_M1.get((n, k)) if m == 1 else DISPATCH.get((n, k, m_bucket(m)))
+        # 'prev': what this run is measured against (the current DISPATCH entry)
+        r1 = DISPATCH.get((n, k, m_bucket(m)))
         for cfg in variants(m, n, k, sms):
             if over_budget(budget):
                 record(shape, m, cfg.tag(), None, 0, None, error="skipped (time budget)")
@@ -309,6 +295,7 @@ def ptxas_report(ms: list[int], shapes: list[tuple[str, int, int]]) -> None:
     lin = {"x_ptr": "*bf16", "w_ptr": p8, "s_ptr": "*fp32", "y_ptr": "*bf16", "p_ptr": "*fp32", "M": "i32",
            "N": "i32", "K": "i32", "steps": "i32", "stride_x": "i32", "stride_w": "i32", "stride_s": "i32",
            "stride_y": "i32"}  # fmt: skip
+    # gemv/f16 split-K fix up in the launch; dot (and grids past MAX_TILES) reduce in a second one.
     f16 = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": p8, "s_ptr": "*fp32", "y_ptr": "*bf16", "p_ptr": "*fp32",
            "c_ptr": "*i32", **{a: "i32" for a in ("M", "N", "K", "steps", "stride_x", "stride_w", "stride_s",
                                                  "stride_y")}}  # fmt: skip
@@ -323,23 +310,18 @@ def ptxas_report(ms: list[int], shapes: list[tuple[str, int, int]]) -> None:
                     bm = triton.next_power_of_2(min(cfg.bm, m))
                     fn, sig = F._fp8_gemv_kernel, {**{a: lin[a] for a in list(lin)[:5]}, "c_ptr": "*i32",
                                                    **{a: lin[a] for a in list(lin)[5:]}}  # fmt: skip
-                    mode = 0 if cfg.split == 1 else 2 if cfg.lastred else 1
-                    c = dict(BM=bm, BN=cfg.bn, BK=bk, SPLIT=mode, INTERPRET=False, NS=cfg.stages,
-                             CHUNK=cfg.chunk and bm == 1)  # fmt: skip
-                elif cfg.kind == "dot":
+                    mode = 0 if cfg.split == 1 else 2
+                    c = dict(BM=bm, BN=cfg.bn, BK=bk, SPLIT=mode, NS=cfg.stages, CHUNK=cfg.chunk and bm == 1)
+                elif cfg.kind in ("dot", "f16"):
                     kb = cfg.kb if (k // QBLOCK) % cfg.kb == 0 else 1
                     bm = max(16, triton.next_power_of_2(min(cfg.bm, m)))
-                    fn, sig = F._fp8_dot_kernel, dict(lin)
-                    c = dict(BM=bm, BN=cfg.bn, KB=kb, SPLIT=cfg.split > 1, INTERPRET=False)
-                elif cfg.kind == "f16":
-                    kb = cfg.kb if (k // QBLOCK) % cfg.kb == 0 else 1
-                    bm = max(16, triton.next_power_of_2(min(cfg.bm, m)))
-                    fn, sig = F._fp8_f16_kernel, dict(f16, x_ptr="*fp16" if cfg.xpre else "*bf16")
-                    mode = 0 if cfg.split == 1 else 2 if cfg.lastred else 1
-                    c = dict(BM=bm, BN=cfg.bn, KB=kb, SPLIT=mode, XPRE=cfg.xpre, INTERPRET=False)
+                    f16_kind, xpre = cfg.kind == "f16", cfg.kind == "f16" and cfg.xpre
+                    fn, sig = F._fp8_swap_kernel, dict(f16, x_ptr="*fp16" if xpre else "*bf16")
+                    mode = 0 if cfg.split == 1 else 2 if f16_kind else 1
+                    c = dict(BM=bm, BN=cfg.bn, KB=kb, SPLIT=mode, F16=f16_kind, XPRE=xpre)
                 elif cfg.kind == "w8a8":
                     fn, sig = F._w8a8_kernel, dict(w8)
-                    c = dict(BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, INTERPRET=False)
+                    c = dict(BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m)
                 else:
                     continue
                 key = (fn.__name__, tuple(c.items()), cfg.warps, cfg.stages)

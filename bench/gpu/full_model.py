@@ -47,7 +47,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch
 from common import CUDA, DEV, environment, table, time_calls, write_results
 from ling_runtime.config import LingConfig
-from ling_runtime.engine.runner import ModelRunner
+from ling_runtime.loader import quantize_blocks
 from ling_runtime.model import ForwardBatch, LingForCausalLM
 from ling_runtime.model.linear import (
     FP8,
@@ -55,8 +55,8 @@ from ling_runtime.model.linear import (
     PiecesLinear,
     ReplicatedLinear,
     RowParallelLinear,
-    quantize_blocks,
 )
+from ling_runtime.runner.model_runner import ModelRunner
 from ling_runtime.tiny import tiny_config
 from runtime_graphs import FLASH_DIMS, PAGE
 
@@ -808,7 +808,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tp > 1:
         import torch.multiprocessing as mp
-        from ling_runtime.distributed.parallel import free_loopback_port
+        from ling_runtime.model.parallel import free_loopback_port
 
         mp.start_processes(
             run, args=(args, args.tp, free_loopback_port()), nprocs=args.tp, start_method="spawn"
@@ -823,7 +823,7 @@ def run(rank: int, args: argparse.Namespace, world: int, port: int) -> None:
     RANK, WORLD = rank, world
     tp_kwargs: dict = {}
     if world > 1:
-        from ling_runtime.distributed.parallel import init_process_group
+        from ling_runtime.model.parallel import init_process_group
 
         if CUDA:
             torch.cuda.set_device(rank)  # "cuda" below is this rank's GPU

@@ -15,19 +15,24 @@ import traceback
 
 import torch
 from common import CUDA, DEV, environment, measure_ceilings, relerr, table, time_calls, write_results
-from ling_runtime.kernels.fp8 import fp8_linear, fp8_linear_ref, quantize_fp8_blockwise
+from ling_runtime.kernels.fp8 import fp8_linear, fp8_linear_ref, pick_config, quantize_fp8_blockwise
 from ling_runtime.kernels.lightning import (
     lightning_decode,
     lightning_decode_ref,
-    lightning_prefill,
     lightning_prefill_ref,
     lightning_slopes,
     lightning_verify,
     lightning_verify_ref,
 )
-from ling_runtime.kernels.lightning_chunk import chunk_states, lightning_prefill_chunked
-from ling_runtime.kernels.mla import mla_decode, mla_decode_ref
-from ling_runtime.kernels.moe import fused_moe, fused_moe_ref, moe_route, moe_route_ref
+from ling_runtime.kernels.lightning_chunk import (
+    PrefillConfig,
+    chunk_states,
+    lightning_prefill_chunked,
+    prefill_config,
+)
+from ling_runtime.kernels.mla import MlaConfig, mla_config, mla_decode, mla_decode_ref
+from ling_runtime.kernels.moe import fused_moe, fused_moe_ref, moe_config, moe_route, moe_route_ref
+from ling_runtime.kernels.moe_prefill import MoeConfig
 from ling_runtime.kernels.norms import (
     add_rmsnorm,
     add_rmsnorm_ref,
@@ -146,7 +151,6 @@ def bench_lightning_prefill(d: dict) -> None:
     state = torch.zeros(4, h, dim, dim, device=DEV)
     slots = torch.tensor([0], device=DEV, dtype=torch.int32)
     no_init = torch.tensor([0], device=DEV, dtype=torch.int32)
-    variants = [(d["bv"], d["chunk"], 4, 3)]
     for t_len in d["prefill"]:
         q, k, v = (torch.randn(t_len, h, dim, device=DEV, dtype=torch.bfloat16) for _ in range(3))
         cu = torch.tensor([0, t_len], device=DEV, dtype=torch.int32)
@@ -180,45 +184,34 @@ def bench_lightning_prefill(d: dict) -> None:
             )
             record("lightning_prefill", f"T={t_len} H={h}", "fla chunk_simple_gla (eager)", t_fla_eager, nbytes,
                    err_fla)  # fmt: skip
-        for bv, c, nw, ns in variants:
-            out = lightning_prefill(q, k, v, state, slots, cu, no_init, slope, scale, block_v=bv, chunk=c,
-                                    num_warps=nw, num_stages=ns)  # fmt: skip
-            err = relerr(out, ref) if ref is not None else None
-            err_peer = relerr(out, o_fla) if o_fla is not None else None
-            t = time_calls(lambda i, bv=bv, c=c, nw=nw, ns=ns: lightning_prefill(
-                q, k, v, state, slots, cu, no_init, slope, scale, block_v=bv, chunk=c, num_warps=nw,
-                num_stages=ns), iters=5)  # fmt: skip
-            record("lightning_prefill", f"T={t_len} H={h}", f"ours bv={bv} C={c} w={nw} s={ns}", t, nbytes, err,
-                   relerr_vs_fla=err_peer)  # fmt: skip
-        # (chunk, block_k, block_v, block_v_out, warps per stage, stages per stage)
-        cvars = [(64, 64, 64, 64, (4, 4), (2, 2)), (64, 64, 64, 64, (4, 4), (4, 3)), (128, 64, 64, 64, (4, 8), (2, 2)),
-                 (128, 64, 64, 32, (4, 4), (3, 2)), (128, 32, 64, 64, (4, 8), (3, 2))]  # fmt: skip
+        # The dispatched config first, then a few others (block sizes, warps, stages per stage).
+        cvars = [
+            prefill_config(t_len, 1),
+            PrefillConfig(64, 64, 64, 4, 2, 64, 4, 2),
+            PrefillConfig(64, 64, 64, 4, 4, 64, 4, 3),
+            PrefillConfig(128, 64, 64, 4, 2, 64, 8, 2),
+            PrefillConfig(64, 64, 64, 8, 4, 64, 4, 3, block_ptr1=True, block_ptr2=True),
+            PrefillConfig(64, 64, 64, 8, 4, 64, 4, 3, fp32_states=True),  # fp32 chunk states: accuracy, cost
+        ]
         if not CUDA:
-            cvars = [(16, 16, 16, 16, (4, 4), (2, 2))]
-        for c, bk, bv, bvo, nw, ns in cvars:
-            out = lightning_prefill_chunked(q, k, v, state, slots, cu, no_init, slope, scale, chunk=c, block_k=bk,
-                                            block_v=bv, block_v_out=bvo, num_warps=nw, num_stages=ns)  # fmt: skip
+            cvars = [PrefillConfig(16, 16, 16, 4, 2, 16, 4, 2)]
+        for cfg in cvars:
+            out = lightning_prefill_chunked(q, k, v, state, slots, cu, no_init, slope, scale, config=cfg)
             err = relerr(out, ref) if ref is not None else None
             err_peer = relerr(out, o_fla) if o_fla is not None else None
-            t = time_calls(lambda i, c=c, bk=bk, bv=bv, bvo=bvo, nw=nw, ns=ns: lightning_prefill_chunked(
-                q, k, v, state, slots, cu, no_init, slope, scale, chunk=c, block_k=bk, block_v=bv, block_v_out=bvo,
-                num_warps=nw, num_stages=ns), iters=5)  # fmt: skip
-            record("lightning_prefill", f"T={t_len} H={h}",
-                   f"ours chunk-parallel C={c} bk={bk} bv={bv} bvo={bvo} w={nw} s={ns}",
-                   t, nbytes, err, relerr_vs_fla=err_peer)  # fmt: skip
-        # Library defaults, bf16 and fp32 chunk states (accuracy vs the fp32 loop, and the cost).
-        for sd in (None, torch.float32) if CUDA else ():
-            out = lightning_prefill_chunked(q, k, v, state, slots, cu, no_init, slope, scale, states_dtype=sd)
-            err = relerr(out, ref) if ref is not None else None
-            err_peer = relerr(out, o_fla) if o_fla is not None else None
-            t = time_calls(lambda i, sd=sd: lightning_prefill_chunked(q, k, v, state, slots, cu, no_init, slope, scale,
-                                                                      states_dtype=sd), iters=5)  # fmt: skip
-            record("lightning_prefill", f"T={t_len} H={h}", f"ours chunk-parallel defaults states={sd or 'bf16'}", t,
-                   nbytes, err, relerr_vs_fla=err_peer)  # fmt: skip
-        for c, ns in [(64, 2), (64, 4), (128, 3)] if CUDA else []:  # stage 1 (sequential state walk) alone
-            t = time_calls(lambda i, c=c, ns=ns: chunk_states(k, v, state, slots, cu, no_init, slope, chunk=c,
-                                                              num_stages=ns), iters=5)  # fmt: skip
-            record("lightning_prefill", f"T={t_len} H={h}", f"ours chunk-parallel stage 1 only C={c} s={ns}", t,
+            t = time_calls(
+                lambda i, cfg=cfg: lightning_prefill_chunked(
+                    q, k, v, state, slots, cu, no_init, slope, scale, config=cfg
+                ),
+                iters=5,
+            )
+            record("lightning_prefill", f"T={t_len} H={h}", f"ours chunk-parallel {cfg.tag()}", t, nbytes, err,
+                   relerr_vs_fla=err_peer)  # fmt: skip
+        for cfg in cvars[:1] if CUDA else []:  # stage 1 (the sequential state walk) alone
+            t = time_calls(
+                lambda i, cfg=cfg: chunk_states(k, v, state, slots, cu, no_init, slope, cfg), iters=5
+            )
+            record("lightning_prefill", f"T={t_len} H={h}", f"ours chunk-parallel stage 1 only {cfg.tag()}", t,
                    2 * t_len * h * dim * 2, None)  # fmt: skip
     if CUDA:  # varlen: 8 sequences of 2K packed, each with its own carried state
         n, each = 8, 2048
@@ -227,10 +220,6 @@ def bench_lightning_prefill(d: dict) -> None:
         st = torch.randn(n, h, dim, dim, device=DEV) * 0.05
         sl = torch.arange(n, device=DEV, dtype=torch.int32)
         init = torch.ones(n, device=DEV, dtype=torch.int32)
-        t = time_calls(
-            lambda i: lightning_prefill(q, k, v, st, sl, cu, init, slope, scale, num_stages=3), iters=5
-        )
-        record("lightning_prefill", "varlen 8x2K H=32", "ours fused", t, 4 * n * each * h * dim * 2, None)
         t = time_calls(lambda i: lightning_prefill_chunked(q, k, v, st, sl, cu, init, slope, scale), iters=5)
         record(
             "lightning_prefill",
@@ -291,22 +280,26 @@ def bench_moe(d: dict) -> None:
         distinct = sum(len(torch.unique(ids[s])) for s in range(sets)) / sets
         nbytes = distinct * expert_bytes
         ref = fused_moe_ref(xs[0], w13, w2, ids[0], wts[0])
-        # (block_m, block_n, block_k, warps, stages, m_progs, dense_shared)
-        variants = [(16, (64, 64), (128, 128), 4, 3, 1, None), (16, (32, 64), (128, 128), 4, 4, 1, None)]
+        # The dispatched config first, then decode-tile alternatives.
+        variants = [moe_config(b, inter, hid)]
         if not CUDA:
-            variants = [(16, (16, 16), (32, 32), 4, 3, 1, None)]
-        elif b >= 32:
-            variants += [(16, (64, 64), (128, 128), 4, 3, 2, True), (64, (64, 64), (64, 64), 4, 3, 1, False),
-                         (32, (64, 64), (128, 128), 4, 3, 1, True), (16, (64, 64), (128, 128), 4, 3, 1, True)]  # fmt: skip
-        for bm, bn, bk, nw, ns, mp, ds in variants:
-            out = fused_moe(xs[0], w13, w2, ids[0], wts[0], block_m=bm, block_n=bn, block_k=bk, num_warps=nw,
-                            num_stages=ns, m_progs=mp, dense_shared=ds)  # fmt: skip
+            variants = [MoeConfig("decode", 16, (16, 16), (32, 32), (4, 4), (3, 3))]
+        elif b < 128:
+            variants += [
+                MoeConfig("decode", 16, (32, 64), (128, 128), (4, 4), (4, 4)),
+                MoeConfig("decode", 16, (64, 64), (128, 128), (4, 4), (3, 3), dense_shared=b < 64),
+                MoeConfig("decode", 32, (64, 64), (128, 128), (4, 4), (3, 3), dense_shared=b >= 32),
+            ]
+        for cfg in variants:
+            out = fused_moe(xs[0], w13, w2, ids[0], wts[0], config=cfg)
             err = relerr(out, ref)
-            t = time_calls(lambda i, bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, mp=mp, ds=ds: fused_moe(
-                xs[i % sets], w13, w2, ids[i % sets], wts[i % sets], block_m=bm, block_n=bn, block_k=bk,
-                num_warps=nw, num_stages=ns, m_progs=mp, dense_shared=ds), iters=8)  # fmt: skip
-            record("fused_moe", f"B={b} E={n_exp}+1 I={inter} distinct={distinct:.0f}",
-                   f"bm={bm} bn={bn} bk={bk} w={nw} s={ns} mprogs={mp} dense_shared={ds}", t, nbytes, err)  # fmt: skip
+            t = time_calls(
+                lambda i, cfg=cfg: fused_moe(xs[i % sets], w13, w2, ids[i % sets], wts[i % sets], config=cfg),
+                iters=8,
+            )
+            record(
+                "fused_moe", f"B={b} E={n_exp}+1 I={inter} distinct={distinct:.0f}", cfg.tag(), t, nbytes, err
+            )
         if b in (1, 8):
             t = time_calls(lambda i: fused_moe_ref(xs[i % sets], w13, w2, ids[i % sets], wts[i % sets]), iters=4,
                            graph=False)  # fmt: skip
@@ -329,31 +322,29 @@ def bench_mla(d: dict) -> None:
         lens[0] = ctx - 37  # one ragged sequence
         q = torch.randn(sets, b, heads, lora + rope, device=DEV, dtype=torch.bfloat16)
         ref = mla_decode_ref(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora)
-        auto = max(1, min(ctx // 256 if CUDA else 2, math.ceil(2 * 132 / b)))
         out = mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora)
         t = time_calls(
             lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora), iters=16
         )
         record("mla_decode", f"B={b} ctx={ctx} h={heads}", "library defaults", t, per_call, relerr(out, ref))
-        bn0 = 32 if CUDA else 16
-        for splits, bn, nw, ns in [(auto, 2 * bn0, 4, 2), (auto, 2 * bn0, 4, 1), (2 * auto, 2 * bn0, 4, 2),
-                                   (auto, 2 * bn0, 8, 2), (max(1, auto // 2), 2 * bn0, 4, 2)]:  # fmt: skip
-            if page % bn:
-                continue
-            out = mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, num_splits=splits, block_n=bn,
-                             num_warps=nw, num_stages=ns)  # fmt: skip
+        # Split counts and tiles around the dispatched config (a split count is no recompile).
+        base = mla_config(b)
+        bn = base.block_n if CUDA else 16
+        for cfg in [
+            MlaConfig(base.num_splits, bn, base.num_warps, 2),
+            MlaConfig(2 * base.num_splits, bn, base.num_warps),
+            MlaConfig(max(1, base.num_splits // 2), bn, base.num_warps),
+            MlaConfig(base.num_splits, bn, 12 - base.num_warps),
+        ]:
+            out = mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, config=cfg)
             err = relerr(out, ref)
-            t = time_calls(lambda i, s=splits, bn=bn, nw=nw: mla_decode(
-                q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, num_splits=s, block_n=bn,
-                num_warps=nw), iters=16)  # fmt: skip
-            record(
-                "mla_decode",
-                f"B={b} ctx={ctx} h={heads}",
-                f"splits={splits} bn={bn} w={nw}",
-                t,
-                per_call,
-                err,
+            t = time_calls(
+                lambda i, cfg=cfg: mla_decode(
+                    q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, config=cfg
+                ),
+                iters=16,
             )
+            record("mla_decode", f"B={b} ctx={ctx} h={heads}", cfg.tag(), t, per_call, err)
         kv = None  # free the memory before the next section
 
 
@@ -426,12 +417,9 @@ def bench_fp8(d: dict) -> None:
         for m in [1, 32, 128] if CUDA else [3]:
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             err = relerr(fp8_linear(x, wq, sc), fp8_linear_ref(x, wq, sc))
-            for bm, bn, ns in (
-                [(16, 64, 4), (16, 32, 5), (16, 32, 3)] if m <= 32 else [(64, 64, 4), (32, 32, 4)]
-            ):
-                t = time_calls(lambda i, bm=bm, bn=bn, ns=ns: fp8_linear(x, wq, sc, block_m=bm, block_n=bn,
-                                                                          num_stages=ns), iters=10)  # fmt: skip
-                record("fp8_linear", f"{name} {n}x{k} M={m}", f"ours bm={bm} bn={bn} s={ns}", t, n * k, err)
+            cfg = pick_config(m, n, k)
+            t = time_calls(lambda i: fp8_linear(x, wq, sc), iters=10)
+            record("fp8_linear", f"{name} {n}x{k} M={m}", f"ours default {cfg.tag()}", t, n * k, err)
             t = time_calls(lambda i: torch.mm(x, w.T), iters=10)
             record("bf16_linear", f"{name} {n}x{k} M={m}", "cuBLAS bf16", t, n * k * 2, 0.0)
         w = wq = None  # free the memory before the next section

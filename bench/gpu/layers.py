@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from common import CUDA, DEV, environment, measure_ceilings, table, time_calls, write_results
 from ling_runtime.kernels.lightning import lightning_decode, lightning_slopes
-from ling_runtime.kernels.mla import mla_decode
+from ling_runtime.kernels.mla import MlaConfig, mla_decode
 from ling_runtime.kernels.moe import fused_moe, moe_route
+from ling_runtime.kernels.moe_prefill import MoeConfig
 from ling_runtime.kernels.norms import add_rmsnorm, group_rmsnorm_gate, qk_norm_rope, rope_cos_sin
 
 REAL = dict(hid=4096, H=32, D=128, E=256, I=1024, topk=8, ngroup=8, topkg=4, qlora=1536, lora=512, rope=64,
@@ -42,16 +43,15 @@ class MoE:
         self.w13 = w(d["E"] + 1, 2 * d["I"], d["hid"])
         self.w2 = w(d["E"] + 1, d["hid"], d["I"])
 
-    def cfg(self, b: int) -> dict:
+    def cfg(self, b: int) -> MoeConfig | None:
         if not CUDA:
-            return dict(block_m=16, block_n=(16, 16), block_k=(32, 32))
-        # Best of run 2 for B <= 32; B >= 64 takes the shared expert out to cuBLAS (fused_moe default).
-        return dict(block_m=16, block_n=(64, 64), block_k=(128, 128))
+            return MoeConfig("decode", 16, (16, 16), (32, 32), (4, 4), (3, 3))
+        return None  # the dispatch: decode tiles below GROUPED_FROM, the shared expert via cuBLAS from 64
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.d
         ids, wts = moe_route(x.float() @ self.wr.T, self.bias, d["topk"], d["ngroup"], d["topkg"], 2.5)
-        return fused_moe(x, self.w13, self.w2, ids, wts, **self.cfg(x.shape[0])), ids
+        return fused_moe(x, self.w13, self.w2, ids, wts, config=self.cfg(x.shape[0])), ids
 
     def bytes(self, ids: torch.Tensor) -> float:
         d = self.d
@@ -136,9 +136,9 @@ class MLALayer:
         q = (cq @ self.wqb.T).view(b, h, d["nope"] + d["rope"])
         q_abs = torch.bmm(q[..., : d["nope"]].transpose(0, 1), self.w_uk).transpose(0, 1)
         qf = torch.cat([q_abs, self.rope(q[..., d["nope"] :])], -1)
+        cfg = None if CUDA else MlaConfig(2, 16, 4)  # the dispatch on the GPU
         u = mla_decode(qf, self.kv, self.table, self.lens, (d["nope"] + d["rope"]) ** -0.5, kv_lora_rank=d["lora"],
-                       num_splits=max(1, min(16, -(-264 // b))) if CUDA else 2,
-                       block_n=64 if CUDA else 16, num_warps=4)  # fmt: skip
+                       config=cfg)  # fmt: skip
         o = torch.bmm(u.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(b, -1)
         return o @ self.wo.T, res
 

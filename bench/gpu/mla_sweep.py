@@ -22,12 +22,13 @@ import itertools
 import math
 import time
 import traceback
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
 from common import CUDA, DEV, environment, measure_ceilings, relerr, table, time_calls, write_results
-from ling_runtime.kernels.mla import default_splits, mla_decode, mla_decode_ref
-from ling_runtime.kernels.mla_prefill import mla_prefill, mla_prefill_ref
+from ling_runtime.kernels.mla import MlaConfig, default_splits, mla_decode, mla_decode_ref
+from ling_runtime.kernels.mla_prefill import MlaPrefillConfig, mla_prefill, mla_prefill_ref
 
 REAL = dict(H=32, lora=512, rope=64, nope=128, dv=128, ctx=4096, pages=(64, 16), batches=[1, 8, 32, 128],
             mtp_b=32, prefill=[1024, 8192], varlen=[2048] * 4, bn=(64, 32, 16), tol=2e-2, sms=132)  # fmt: skip
@@ -69,38 +70,24 @@ def attempt(op: str, shape: str, variant: str, run, ref: torch.Tensor | None, ti
 
 
 # ---- decode ------------------------------------------------------------------------------------
-def decode_variants(b: int, page: int, bns: tuple[int, ...]) -> list[dict]:
+def decode_variants(b: int, bns: tuple[int, ...]) -> list[tuple[str, MlaConfig]]:
     """Why each is here (sm_90 compiles on a CPU box, ptxas: regs / spill stack / smem):
 
-    v1: page number loaded per block -> one key buffer, no overlap (the 0.52-0.63 of runs 1-5).
     h64s3w4: 2 buffers of 64x576 (188 KB, 1 CTA/SM), mma.sync M=32, 255 regs + 160 B spill stack.
     h64s3w8: same buffers, 177 regs, no spill; but mma layout [1, 8]: q re-read by 8 warps a block.
     h32s4w4: 3 buffers of 32x576 (149 KB), small spill.  h32s3w4: 2 buffers (112 KB): 2 CTAs/SM.
     h16s6w4: 5 buffers of 16x576 (130 KB), 243 regs, no spill.
-    T64s2w4: keys as M (S^T = K Q^T, U^T += K^T P^T): wgmma, both operands from shared
-    memory once per warpgroup; 2 buffers, 188 KB (w8: 240 B spill stack, left out).
+    (v1, the page number loaded per block, and the keys-as-M wgmma form lost: docs/gpu-notes.md.)
     """
     bn64, bn32, bn16 = bns
     auto = default_splits(b)
-    v = [
-        dict(
-            name="v1 (page per block)",
-            hoist_pages=False,
-            keys_as_m=False,
-            block_n=min(bn64, page),
-            num_stages=2,
-            num_warps=4,
-        ),
-        dict(name="h64s3w4", block_n=bn64, num_stages=3, num_warps=4, keys_as_m=False),
-        dict(name="h64s3w8", block_n=bn64, num_stages=3, num_warps=8, keys_as_m=False),
-        dict(name="h32s4w4", block_n=bn32, num_stages=4, num_warps=4, keys_as_m=False),
-        dict(name="h32s3w4", block_n=bn32, num_stages=3, num_warps=4, keys_as_m=False),
-        dict(name="h16s6w4", block_n=bn16, num_stages=6, num_warps=4, keys_as_m=False),
-        dict(name="T64s2w4", block_n=bn64, num_stages=2, num_warps=4, keys_as_m=True),
+    return [
+        ("h64s3w4", MlaConfig(auto, bn64, 4, 3)),
+        ("h64s3w8", MlaConfig(auto, bn64, 8, 3)),
+        ("h32s4w4", MlaConfig(auto, bn32, 4, 4)),
+        ("h32s3w4", MlaConfig(auto, bn32, 4, 3)),
+        ("h16s6w4", MlaConfig(auto, bn16, 4, 6)),
     ]
-    for x in v:
-        x["num_splits"] = auto
-    return v
 
 
 def split_choices(b: int, sms: int) -> list[int]:
@@ -110,6 +97,23 @@ def split_choices(b: int, sms: int) -> list[int]:
     if b >= sms - 4:
         c.add(1)
     return sorted(c)
+
+
+def _mla_cfg(kw: dict) -> MlaConfig:
+    return MlaConfig(**{k: v for k, v in kw.items() if k != "name"})
+
+
+def _decode_row(op: str, shape: str, name: str, cfg: MlaConfig | None, q, kv, tables, lens, sets, per_call, ref,
+                d: dict) -> dict:  # fmt: skip
+    """One checked and timed mla_decode variant (``cfg`` None: the dispatched config)."""
+    lora, scale = d["lora"], (128 + 64) ** -0.5
+    label = f"{name} splits={cfg.num_splits}" if cfg else name
+    return attempt(
+        op, shape, label,
+        lambda: mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, config=cfg), ref,
+        lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, config=cfg),
+        kw=dict(asdict(cfg) if cfg else {}, name=name), bytes=per_call,
+    )  # fmt: skip
 
 
 def _decode_inputs(d: dict, b: int, page: int, s_q: int = 1):
@@ -135,39 +139,23 @@ def bench_decode(d: dict) -> None:
             q, kv, tables, lens, sets, per_call = _decode_inputs(d, b, page)
             ref = mla_decode_ref(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora)
             shape = f"B={b} ctx={ctx} page={page}"
-            variants = decode_variants(b, page, d["bn"])
+            variants = decode_variants(b, d["bn"])
             if page != d["pages"][0]:
-                # Second page size: the v1 baseline and the winner at the first page size only.
+                # Second page size: the winner at the first page size only.
                 best = _best("mla_decode", f"B={b} ctx={ctx} page={d['pages'][0]}")
-                variants = [variants[0]] + ([best["kw"]] if best else [])
-            rows = []
-            for kw in variants:
-                kw = dict(kw)
-                name = kw.pop("name")
-                row = attempt(
-                    "mla_decode", shape, f"{name} splits={kw['num_splits']}",
-                    lambda: mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, **kw), ref,
-                    lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, **kw),
-                    kw=dict(kw, name=name), bytes=per_call,
-                )  # fmt: skip
-                rows.append(row)
+                variants = [(best["kw"]["name"], _mla_cfg(best["kw"]))] if best else []
+            rows = [_decode_row("mla_decode", shape, name, cfg, q, kv, tables, lens, sets, per_call, ref, d)
+                    for name, cfg in variants]  # fmt: skip
             # The winning config at other split counts (a split count is a runtime argument: no
             # recompile, except splits=1 which skips the merge).
             good = [r for r in rows if _ok(r)]
             if good and page == d["pages"][0]:
                 top = min(good, key=lambda r: r["sec"])
-                for s in split_choices(b, d["sms"]):
-                    if s == top["kw"]["num_splits"]:
-                        continue
-                    kw = dict(top["kw"], num_splits=s)
-                    name = kw.pop("name")
-                    attempt(
-                        "mla_decode", shape, f"{name} splits={s}",
-                        lambda: mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, **kw), ref,
-                        lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora,
-                                             **kw),
-                        kw=dict(kw, name=name), bytes=per_call,
-                    )  # fmt: skip
+                for sp in split_choices(b, d["sms"]):
+                    if sp != top["kw"]["num_splits"]:
+                        cfg = replace(_mla_cfg(top["kw"]), num_splits=sp)
+                        _decode_row("mla_decode", shape, top["kw"]["name"], cfg, q, kv, tables, lens, sets, per_call,
+                                    ref, d)  # fmt: skip
             q = kv = tables = None  # free before the next shape
             if CUDA:
                 torch.cuda.empty_cache()
@@ -176,7 +164,7 @@ def bench_decode(d: dict) -> None:
 def bench_mtp(d: dict) -> None:
     """Verify shapes: S_Q query positions per sequence over one KV read (M = S_Q * 32 rows)."""
     lora, ctx, scale, b, page = d["lora"], d["ctx"], (128 + 64) ** -0.5, d["mtp_b"], d["pages"][0]
-    bn64, bn32, bn16 = d["bn"]
+    _, bn32, bn16 = d["bn"]
     for s_q in (2, 4):
         if over_budget():
             break
@@ -184,22 +172,10 @@ def bench_mtp(d: dict) -> None:
         ref = mla_decode_ref(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora)
         shape = f"B={b} S_Q={s_q} ctx={ctx} page={page}"
         auto = default_splits(b)
-        # sm_90 compiles: S_Q=2 (M=64, 8 warps) gets wgmma; bn32 s3 184 KB, bn16 s3 131 KB no spill;
-        # T64 s2 229 KB. S_Q=4 runs as two 64-row programs (rows_per_program=64).
-        variants = [
-            dict(name="h32s3w8", block_n=bn32, num_stages=3, num_warps=8, keys_as_m=False),
-            dict(name="h16s3w8", block_n=bn16, num_stages=3, num_warps=8, keys_as_m=False),
-            dict(name="T64s2w8", block_n=bn64, num_stages=2, num_warps=8, keys_as_m=True),
-        ]
-        for kw in variants:
-            kw = dict(kw, num_splits=auto)
-            name = kw.pop("name")
-            attempt(
-                "mla_verify", shape, f"{name} splits={auto}",
-                lambda: mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, **kw), ref,
-                lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, **kw),
-                kw=dict(kw, name=name), bytes=per_call,
-            )  # fmt: skip
+        # sm_90 compiles: S_Q=2 (M=64, 8 warps) gets wgmma; bn32 s3 184 KB, bn16 s3 131 KB no spill.
+        # S_Q=4 runs as two 64-row programs (rows_per_program=64).
+        for name, cfg in (("h32s3w8", MlaConfig(auto, bn32, 8, 3)), ("h16s3w8", MlaConfig(auto, bn16, 8, 3))):
+            _decode_row("mla_verify", shape, name, cfg, q, kv, tables, lens, sets, per_call, ref, d)
         # Baseline: the same queries as B * S_Q separate decode rows (each re-reads its history).
         qf = q.flatten(1, 2)
         tab_f = tables.repeat_interleave(s_q, dim=1)
@@ -234,9 +210,10 @@ def bench_prefill(d: dict) -> None:
     cases = [[t] for t in d["prefill"]] + [d["varlen"]]
     # sm_90 compiles (regs / smem, all wgmma, no spills): 128x64 w8 s3 194 / 172 KB; s4 213 KB;
     # 128x32 w8 s4 178 / 131 KB; 64x64 w4 s3 253 / 147 KB; 128x128 w8 s2 255 / 213 KB.
-    configs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)]
+    configs = [MlaPrefillConfig(*c) for c in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3),
+                                              (128, 128, 8, 2))]  # fmt: skip
     if not CUDA:
-        configs = [(16, 16, 4, 2), (32, 16, 4, 2)]
+        configs = [MlaPrefillConfig(16, 16, 4, 2), MlaPrefillConfig(32, 16, 4, 2)]
     for lens in cases:
         if over_budget():
             break
@@ -251,13 +228,13 @@ def bench_prefill(d: dict) -> None:
         flops = sum(2 * h * (dqk + dv) * n * n / 2 for n in lens)
         shape = "T=" + "+".join(map(str, lens))
         mx = max(lens)
-        for bm, bn, nw, ns in configs:
-            kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, max_seqlen_q=mx, rope_dim=rope)
+        for cfg in configs:
+            kw = dict(config=cfg, max_seqlen_q=mx, rope_dim=rope)
             attempt(
-                "mla_prefill", shape, f"bm={bm} bn={bn} w={nw} s={ns}",
+                "mla_prefill", shape, f"bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} s={cfg.num_stages}",
                 lambda: mla_prefill(qs[0], ks[0], vs[0], cu, cu, scale, **kw), ref,
                 lambda i: mla_prefill(qs[i % sets], ks[i % sets], vs[i % sets], cu, cu, scale, **kw),
-                kw=kw, flops=flops,
+                kw=asdict(cfg), flops=flops,
             )  # fmt: skip
         # The model's form: k_nope / v strided views of one kv_b_proj output, k_pe [T, 64] shared.
         best = _best("mla_prefill", shape)
@@ -266,12 +243,12 @@ def bench_prefill(d: dict) -> None:
             k_pe = ks[0][:, 0, nope:].contiguous()
             k_full = torch.cat([kvb[..., :nope], k_pe[:, None].expand(-1, h, -1)], dim=-1)
             ref2 = mla_prefill_ref(qs[0], k_full, kvb[..., nope:], cu, cu, scale)
-            kw = best["kw"]
+            kw = dict(config=MlaPrefillConfig(**best["kw"]), max_seqlen_q=mx, rope_dim=rope)
             attempt(
                 "mla_prefill", shape, "best, model form (k_pe shared, strided k/v)",
                 lambda: mla_prefill(qs[0], kvb[..., :nope], kvb[..., nope:], cu, cu, scale, k_pe=k_pe, **kw), ref2,
                 lambda i: mla_prefill(qs[0], kvb[..., :nope], kvb[..., nope:], cu, cu, scale, k_pe=k_pe, **kw),
-                kw=kw, flops=flops,
+                kw=best["kw"], flops=flops,
             )  # fmt: skip
         attempt(
             "mla_prefill", shape, "torch SDPA (v padded to 192)",
@@ -285,8 +262,8 @@ def bench_prefill(d: dict) -> None:
 
 
 # ---- round 2: the defaults against a few reasoned candidates ---------------------------------------
-def round2_candidates(b: int, bns: tuple[int, ...]) -> list[dict]:
-    """The defaults (kw {}) and candidates per batch (sm_90 compiles, ptxas regs / smem per CTA).
+def round2_candidates(b: int, bns: tuple[int, ...]) -> list[tuple[str, MlaConfig | None]]:
+    """The dispatched config (None) and candidates per batch (sm_90 compiles, ptxas regs / smem per CTA).
 
     h32s3w4 at twice the default splits: 112 KB smem and 255 registers x 128 threads fit 2 CTAs
     per SM (2 x 113 KB <= 228 KB, 2 x 32K regs = 64K), so 2 x 132 CTAs run as one wave: two
@@ -296,12 +273,9 @@ def round2_candidates(b: int, bns: tuple[int, ...]) -> list[dict]:
     """
     bn64, bn32, _ = bns
     d = default_splits(b)
-    v = [dict(name="default")]
-    v.append(dict(name="h32s3w4", block_n=bn32, num_stages=3, num_warps=4, keys_as_m=False, num_splits=2 * d))
+    v: list[tuple[str, MlaConfig | None]] = [("default", None), ("h32s3w4", MlaConfig(2 * d, bn32, 4, 3))]
     if 2 * b * d <= 132:  # under half of default_splits' 132-SM wave busy
-        v.append(
-            dict(name="h64s3w8", block_n=bn64, num_stages=3, num_warps=8, keys_as_m=False, num_splits=2 * d)
-        )
+        v.append(("h64s3w8", MlaConfig(2 * d, bn64, 8, 3)))
     return v
 
 
@@ -313,16 +287,8 @@ def bench_decode_r2(d: dict) -> None:
         q, kv, tables, lens, sets, per_call = _decode_inputs(d, b, page)
         ref = mla_decode_ref(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora)
         shape = f"B={b} ctx={ctx} page={page}"
-        for kw in round2_candidates(b, d["bn"]):
-            kw = dict(kw)
-            name = kw.pop("name")
-            label = f"{name} splits={kw.get('num_splits', default_splits(b))}"
-            attempt(
-                "mla_decode", shape, label,
-                lambda: mla_decode(q[0], kv, tables[0], lens, scale, kv_lora_rank=lora, **kw), ref,
-                lambda i: mla_decode(q[i % sets], kv, tables[i % sets], lens, scale, kv_lora_rank=lora, **kw),
-                kw=dict(kw, name=name), bytes=per_call,
-            )  # fmt: skip
+        for name, cfg in round2_candidates(b, d["bn"]):
+            _decode_row("mla_decode", shape, name, cfg, q, kv, tables, lens, sets, per_call, ref, d)
         q = kv = tables = None
         if CUDA:
             torch.cuda.empty_cache()

@@ -29,10 +29,10 @@ if "--tiny" in sys.argv:
 import torch
 from common import CUDA, DEV, environment, write_results
 from ling_runtime.config import LingConfig
-from ling_runtime.engine.plan import SeqWork, StepPlan
-from ling_runtime.engine.runner import ModelRunner
-from ling_runtime.engine.spec_graphs import SpecGraphs
 from ling_runtime.model import LingForCausalLM
+from ling_runtime.runner.model_runner import ModelRunner
+from ling_runtime.runner.plan import SeqWork, StepPlan
+from ling_runtime.runner.spec_graphs import SpecGraphs
 from ling_runtime.tiny import init_random_weights, tiny_config
 from runtime_graphs import FLASH_DIMS, PAGE, fill_random
 

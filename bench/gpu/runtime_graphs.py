@@ -26,9 +26,9 @@ if "--tiny" in sys.argv:
 import torch
 from common import CUDA, DEV, environment, time_calls, write_results
 from ling_runtime.config import LingConfig
-from ling_runtime.engine.plan import SeqWork, StepPlan
-from ling_runtime.engine.runner import ModelRunner
 from ling_runtime.model import ForwardBatch, LingForCausalLM
+from ling_runtime.runner.model_runner import ModelRunner
+from ling_runtime.runner.plan import SeqWork, StepPlan
 from ling_runtime.tiny import init_random_weights, tiny_config
 
 PAGE = 16

@@ -39,23 +39,21 @@ def test_quantize_block_scales(gen: torch.Generator) -> None:
 
 # Every path, with M not a multiple of the token tile and N not a multiple of the row tile
 # (N=200 also leaves a partial 128-row scale block, as MLA kv_a's 576 does), plus split-K with a
-# split count that leaves one split empty (K=768: 6 steps of 128 over 4 splits of 2).
+# split count that leaves one split empty (K=768: 6 steps of 128 over 4 splits of 2). gemv and f16
+# sum their split-K partials in the launch (the last split of a tile), dot in a reduce launch.
 CASES = [
     Fp8Config("gemv", bm=1, bn=32, bk=256, split=1),
-    Fp8Config("gemv", bm=1, bn=16, bk=256, split=2),
-    Fp8Config("gemv", bm=4, bn=32, bk=128, split=4),
+    Fp8Config("gemv", bm=1, bn=16, bk=256, split=4),  # 3 steps over 4 splits: one empty
+    Fp8Config("gemv", bm=4, bn=32, bk=128, split=4),  # 3-D accumulator
     Fp8Config("gemv", bm=2, bn=64, bk=512, split=1),  # 512 does not divide 768: falls back to 128
-    Fp8Config("gemv", bm=1, bn=16, bk=256, split=4, lastred=True),  # 3 steps over 4 splits: one empty
-    Fp8Config("gemv", bm=2, bn=32, bk=128, split=4, lastred=True),  # 3-D accumulator, in-kernel fix-up
-    Fp8Config("gemv", bm=1, bn=32, bk=256, split=2, chunk=True),  # 128-column chunks, reduce launch
-    Fp8Config("gemv", bm=1, bn=16, bk=256, split=4, lastred=True, chunk=True),
+    Fp8Config("gemv", bm=1, bn=32, bk=256, split=2, chunk=True),  # 128-column chunks
+    Fp8Config("gemv", bm=1, bn=16, bk=256, split=4, chunk=True),
     Fp8Config("dot", bm=16, bn=64, kb=1, split=1),
     Fp8Config("dot", bm=16, bn=32, kb=3, split=1),
-    Fp8Config("dot", bm=32, bn=128, kb=2, split=4),
+    Fp8Config("dot", bm=32, bn=128, kb=2, split=4),  # reduce launch
     Fp8Config("f16", bm=16, bn=64, kb=2, split=1),
-    Fp8Config("f16", bm=16, bn=32, kb=1, split=4),  # reduce-kernel split-K, one split empty
-    Fp8Config("f16", bm=16, bn=64, kb=1, split=4, lastred=True),  # in-kernel fix-up
-    Fp8Config("f16", bm=32, bn=64, kb=3, split=2, xpre=True, lastred=True),
+    Fp8Config("f16", bm=16, bn=32, kb=1, split=4),  # one split empty
+    Fp8Config("f16", bm=32, bn=64, kb=3, split=2, xpre=True),
     Fp8Config("w8a8", bm=16, bn=64, group_m=2),
     Fp8Config("dequant"),
 ]
@@ -102,13 +100,14 @@ def test_default_dispatch(gen: torch.Generator, m: int) -> None:
     x = torch.randn(m, 512, generator=gen).bfloat16()
     cfg = pick_config(m, 256, 512)
     assert cfg.kind == ("gemv" if m == 1 else "f16" if m <= 128 else "dequant")
-    assert cfg.kind != "f16" or (cfg.lastred and cfg.xpre == (cfg.bm >= 64))
+    assert cfg.kind != "f16" or cfg.xpre == (cfg.bm >= 64)
     tol = 0.06 if cfg.kind == "w8a8" else 1e-2
     assert relerr(fp8_linear(x, wq, scale), fp8_linear_ref(x, wq, scale)) < tol
 
 
-@pytest.mark.parametrize("cfg", [Fp8Config("f16", bm=16, bn=64, kb=2), Fp8Config("f16", bm=32, xpre=True)],
-                         ids=lambda c: c.tag())  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg", [Fp8Config("f16", bm=16, bn=64, kb=2), Fp8Config("f16", bm=32, xpre=True)], ids=lambda c: c.tag()
+)
 def test_f16_activation_range(gen: torch.Generator, cfg: Fp8Config) -> None:
     # fp16 overflows above 65504 and flushes below 6e-8: a row with ~1e6 outliers, a row of ~1e-6
     # values and an all-zero row must all come out at bf16 accuracy (per row, not only overall).
@@ -128,16 +127,16 @@ def test_f16_activation_range(gen: torch.Generator, cfg: Fp8Config) -> None:
 @pytest.mark.parametrize(
     ("cfg", "m"),
     [
-        (Fp8Config("f16", bm=16, bn=64, kb=1, split=3, lastred=True), 3),
+        (Fp8Config("f16", bm=16, bn=64, kb=1, split=3), 3),
         # gemv at M = 1 (K = 512 is 2 steps of 256 over 3 splits: the last split is empty and must
         # still count itself in) and at M = 3 with one token per program (3 token tiles).
-        (Fp8Config("gemv", bm=1, bn=32, bk=256, split=3, warps=8, stages=1, lastred=True), 1),
-        (Fp8Config("gemv", bm=1, bn=16, bk=256, split=3, lastred=True, chunk=True), 1),
-        (Fp8Config("gemv", bm=1, bn=32, bk=128, split=3, lastred=True, chunk=True), 3),
+        (Fp8Config("gemv", bm=1, bn=32, bk=256, split=3, warps=8, stages=1), 1),
+        (Fp8Config("gemv", bm=1, bn=16, bk=256, split=3, chunk=True), 1),
+        (Fp8Config("gemv", bm=1, bn=32, bk=128, split=3, chunk=True), 3),
     ],
     ids=lambda v: v.tag() if isinstance(v, Fp8Config) else f"m{v}",
 )
-def test_lastred_leaves_counters_zero(gen: torch.Generator, cfg: Fp8Config, m: int) -> None:
+def test_split_fixup_leaves_counters_zero(gen: torch.Generator, cfg: Fp8Config, m: int) -> None:
     # The in-kernel split-K fix-up must reset its tile counters, or the next launch (or graph
     # replay) would pick the wrong last split: run twice, compare, check the counters. A counter
     # left at a nonzero value makes the second run's fix-up fire early (or never): y2 != y1.
@@ -150,9 +149,13 @@ def test_lastred_leaves_counters_zero(gen: torch.Generator, cfg: Fp8Config, m: i
     assert int(_tile_counters(x.device).abs().sum()) == 0
 
 
-def test_gemv_lastred_no_reduce_launch(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    # With lastred the split-K gemv must not launch _splitk_reduce_kernel (the point of it), and
-    # y must be complete without it; without lastred the reduce launch is what completes y.
+@pytest.mark.parametrize("kind", ["gemv", "f16"])
+def test_split_fixup_needs_no_reduce_launch(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Split-K gemv / f16 must not launch _splitk_reduce_kernel (the in-kernel fix-up is the point),
+    # and y must be complete without it; with more tiles than counters the reduce launch is what
+    # completes y.
     from ling_runtime.kernels import fp8 as fp8_mod
 
     launches: list[int] = []
@@ -167,9 +170,11 @@ def test_gemv_lastred_no_reduce_launch(gen: torch.Generator, monkeypatch: pytest
 
     monkeypatch.setattr(fp8_mod, "_splitk_reduce_kernel", Spy())
     ref = fp8_linear_ref(x, wq, scale)
-    y = fp8_linear(x, wq, scale, config=Fp8Config("gemv", bn=32, bk=128, split=4, lastred=True))
+    cfg = Fp8Config(kind, bm=16 if kind == "f16" else 1, bn=32, bk=128, split=4)
+    y = fp8_linear(x, wq, scale, config=cfg)
     assert not launches and relerr(y, ref) < 1e-2
-    y = fp8_linear(x, wq, scale, config=Fp8Config("gemv", bn=32, bk=128, split=4))
+    monkeypatch.setattr(fp8_mod, "MAX_TILES", 1)
+    y = fp8_linear(x, wq, scale, config=cfg)
     assert launches == [1] and relerr(y, ref) < 1e-2
 
 
@@ -193,11 +198,3 @@ def test_split_and_bucket_rules() -> None:
     assert auto_split(18, 8, 132) == 4  # kv_a 576 rows: capped by >= 2 K steps per split
     assert auto_split(4912, 8, 132) == 1  # lm_head already has 37 programs per SM
     assert [m_bucket(m) for m in (1, 3, 9, 100, 129, 5000, 10**5)] == [1, 4, 16, 128, 256, 8192, 8192]
-
-
-def test_legacy_tile_kwargs(gen: torch.Generator) -> None:
-    # bench/gpu/kernels.py still calls fp8_linear with the old tile knobs.
-    _, wq, scale = _weights(gen, 256, 384)
-    x = torch.randn(5, 384, generator=gen).bfloat16()
-    y = fp8_linear(x, wq, scale, block_m=16, block_n=64, num_stages=3)
-    assert relerr(y, fp8_linear_ref(x, wq, scale)) < 1e-2

@@ -10,7 +10,6 @@ from ling_runtime.kernels.lightning import (
     lightning_commit_ref,
     lightning_decode,
     lightning_decode_ref,
-    lightning_prefill,
     lightning_prefill_ref,
     lightning_slopes,
     lightning_verify,
@@ -77,22 +76,6 @@ def test_verify_keeps_per_position_states_and_commit_rolls_back(gen: torch.Gener
     assert relerr(state[2], replay[2]) < 1e-5
 
 
-def test_prefill_varlen_matches_recurrence(gen: torch.Generator) -> None:
-    slope = lightning_slopes(H, layer_idx=1, num_layers=32)
-    lens = [37, 16, 5]  # partial chunks, an exact chunk, a short sequence
-    cu = torch.tensor([0, 37, 53, 58], dtype=torch.int32)
-    q, k, v = _qkv(gen, sum(lens), H, D, dtype=torch.bfloat16)
-    state = torch.randn(4, H, D, D, generator=gen)
-    slots = torch.tensor([3, 0, 1], dtype=torch.int32)
-    has_init = torch.tensor([1, 0, 1], dtype=torch.int32)
-    ref_state = state.clone()
-    ref = lightning_prefill_ref(q, k, v, ref_state, slots, cu, has_init, slope, D**-0.5)
-    out = lightning_prefill(q, k, v, state, slots, cu, has_init, slope, D**-0.5, block_v=16, chunk=16)
-    assert relerr(out, ref) < 1e-2
-    assert relerr(state, ref_state) < 1e-3
-    assert relerr(state[2], ref_state[2]) == 0.0  # slot not in the batch untouched
-
-
 def test_chunk_parallel_prefill_matches_recurrence(gen: torch.Generator) -> None:
     slope = lightning_slopes(H, layer_idx=1, num_layers=32)
     cu = torch.tensor([0, 37, 53, 58], dtype=torch.int32)
@@ -114,10 +97,7 @@ def test_chunk_parallel_prefill_matches_recurrence(gen: torch.Generator) -> None
         slope,
         D**-0.5,
         out=out,
-        chunk=16,
-        block_k=16,
-        block_v=16,
-        block_v_out=16,
+        config=PrefillConfig(chunk=16, block_k=16, block_v=16, block_v_out=16),
     )
     assert relerr(out, ref) < 1e-2  # NaN-poisoned output: every token was written
     assert relerr(state, ref_state) < 1e-2
@@ -147,7 +127,7 @@ def _chunked_case(gen: torch.Generator, lens: list[int]) -> tuple:
     "cfg",
     [
         PrefillConfig(16, 16, 16, 4, 2, 16, 4, 2),
-        PrefillConfig(16, 16, 32, 4, 2, 32, 4, 2, pdl=True, block_ptr1=True, block_ptr2=True),
+        PrefillConfig(16, 16, 32, 4, 2, 32, 4, 2, block_ptr1=True, block_ptr2=True),
         PrefillConfig(32, 32, 16, 4, 2, 16, 4, 2, block_ptr1=True),
         PrefillConfig(16, 16, 16, 4, 2, 32, 4, 2, block_ptr2=True),
     ],
@@ -164,8 +144,8 @@ def test_chunked_configs_match_recurrence(gen: torch.Generator, cfg: PrefillConf
 
 def test_chunked_fp32_states_block_ptr(gen: torch.Generator) -> None:
     args, ref, ref_state = _chunked_case(gen, [19, 16])
-    cfg = PrefillConfig(16, 16, 16, 4, 2, 16, 4, 2, block_ptr1=True, block_ptr2=True)
-    out = lightning_prefill_chunked(*args, D**-0.5, config=cfg, states_dtype=torch.float32)
+    cfg = PrefillConfig(16, 16, 16, 4, 2, 16, 4, 2, block_ptr1=True, block_ptr2=True, fp32_states=True)
+    out = lightning_prefill_chunked(*args, D**-0.5, config=cfg)
     assert relerr(out, ref) < TOL_CHUNKED
     assert relerr(args[3], ref_state) < TOL_CHUNKED
 
@@ -183,28 +163,29 @@ def test_chunk_owner_scan_spans_several_sequence_blocks(gen: torch.Generator, mo
     assert relerr(args[3], ref_state) < TOL_CHUNKED
 
 
-def test_dispatch_picks_by_average_length_and_explicit_args_override(monkeypatch) -> None:
+def test_dispatch_picks_by_average_length(monkeypatch) -> None:
     short, long_ = PrefillConfig(block_k=32), PrefillConfig(block_k=64, warps1=8)
     monkeypatch.setattr(lightning_chunk, "_DISPATCH", [(2048, short), (1 << 62, long_)])
     assert prefill_config(8 * 2048, 8) is short
     assert prefill_config(4096, 1) is long_
     assert prefill_config(0, 1) is short
-    seen: list[tuple] = []
+    seen: list[PrefillConfig] = []
 
-    def fake_states(*a, **kw):  # records (chunk, block_k, block_v, warps, stages) and stops
-        seen.append(a[7:12])
+    def fake_states(*a: object) -> None:  # records the config it was given and stops
+        seen.append(a[7])
         raise RuntimeError("stop")
 
     monkeypatch.setattr(lightning_chunk, "chunk_states", fake_states)
-    q = torch.zeros(4096, 2, 128, dtype=torch.bfloat16)
+    q = torch.zeros(4096, 2, 32, dtype=torch.bfloat16)
     z = torch.zeros(1, dtype=torch.int32)
     cu = torch.tensor([0, 4096], dtype=torch.int32)
-    for kw in ({}, {"block_k": 32, "num_warps": (2, 4)}):
+    for cfg in (None, short):
         with pytest.raises(RuntimeError):
             lightning_prefill_chunked(
-                q, q, q, torch.zeros(1, 2, 128, 128), z, cu, z, torch.ones(2), 1.0, **kw
+                q, q, q, torch.zeros(1, 2, 32, 32), z, cu, z, torch.ones(2), 1.0, config=cfg
             )
-    assert seen == [(64, 64, 64, 8, 4), (64, 32, 64, 2, 4)]
+    # The dispatched row has its blocks clamped to the head dim (32); an explicit config is used as is.
+    assert seen == [PrefillConfig(block_k=32, block_v=32, warps1=8, block_v_out=32), short]
 
 
 @pytest.mark.parametrize("bp", [False, True])
@@ -287,4 +268,5 @@ def test_stage2_narrow_value_block_refused_on_gpu(monkeypatch) -> None:
     h_states = torch.zeros(2, 1, 128, 128, dtype=torch.bfloat16)
     cu = torch.tensor([0, 64], dtype=torch.int32)
     with pytest.raises(ValueError, match="block_v=32"):
-        lightning_chunk.chunk_outputs(q, q, q, h_states, cu, 1, torch.ones(1), 1.0, q.clone(), block_v=32)
+        cfg = PrefillConfig(block_v_out=32)
+        lightning_chunk.chunk_outputs(q, q, q, h_states, cu, 1, torch.ones(1), 1.0, q.clone(), cfg)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ling_runtime.kernels.mla import mla_decode, mla_decode_ref, single_chunk_splits
+from ling_runtime.kernels import mla as mla_mod
+from ling_runtime.kernels.mla import MlaConfig, mla_config, mla_decode, mla_decode_ref, single_chunk_splits
 
 from tests.kernels.util import relerr
 
@@ -25,35 +26,26 @@ def _case(gen: torch.Generator, page: int, s_q: int = 1, heads: int = HEADS) -> 
 
 
 @pytest.mark.parametrize("page", [16, 8])
-def test_mla_decode_paged_split_k(gen: torch.Generator, page: int) -> None:
+def test_mla_decode_paged_split_k(gen: torch.Generator, page: int, monkeypatch: pytest.MonkeyPatch) -> None:
     q, kv, block_table, seq_lens = _case(gen, page)
     ref = mla_decode_ref(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA)
-    # (splits, block_n, pages per chunk): a block spanning two pages (16 > 8), several chunks per
-    # split (2 pages per chunk), one split (stage 1 writes the output, no merge), empty splits.
-    # Both orientations (keys_as_m: S^T = K Q^T, the wgmma-shaped form).
-    for splits, bn, ppc, tr in ((1, 16, 256, False), (3, 16, 256, False), (2, 16, 2, False), (5, 16, 2, False),
-                                (1, 16, 256, True), (3, 16, 2, True)):  # fmt: skip
-        out = mla_decode(
-            q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, num_splits=splits, block_n=bn,
-            pages_per_chunk=ppc, keys_as_m=tr,
-        )  # fmt: skip
-        assert relerr(out, ref) < 1e-2, (splits, bn, ppc, tr)
-    # Defaults (32 splits here): most splits are empty and must carry zero weight in the merge.
-    assert relerr(mla_decode(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, block_n=16), ref) < 1e-2
+    # (splits, pages per chunk): one split (stage 1 writes the output, no merge), empty splits,
+    # 2-page chunks (several page vectors per sequence: more splits); 16-key blocks span two
+    # 8-token pages.
+    for splits, ppc in ((1, 256), (3, 256), (2, 2), (5, 2)):
+        monkeypatch.setattr(mla_mod, "PAGES_PER_CHUNK", ppc)
+        out = mla_decode(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, config=MlaConfig(splits, 16))
+        assert relerr(out, ref) < 1e-2, (splits, ppc)
+    monkeypatch.undo()
+    # The dispatched config (32 splits here): most splits are empty and must carry zero weight in
+    # the merge (its 64-key blocks are wider than the 64-token sequences' pages, too).
+    assert mla_config(3).num_splits == 32
+    assert relerr(mla_decode(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA), ref) < 1e-2
     # Tokens past seq_len are ignored: poisoning them changes nothing.
     kv_poison = kv.clone()
     for b, n in enumerate(seq_lens.tolist()):
         kv_poison[block_table[b, n // page], n % page :] = float("nan")
-    out = mla_decode(q, kv_poison, block_table, seq_lens, SCALE, kv_lora_rank=LORA, num_splits=3, block_n=16)
-    assert relerr(out, ref) < 1e-2
-
-
-def test_mla_decode_v1_page_per_block(gen: torch.Generator) -> None:
-    q, kv, block_table, seq_lens = _case(gen, 16)
-    ref = mla_decode_ref(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA)
-    out = mla_decode(
-        q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, num_splits=3, block_n=16, hoist_pages=False
-    )
+    out = mla_decode(q, kv_poison, block_table, seq_lens, SCALE, kv_lora_rank=LORA, config=MlaConfig(3, 16))
     assert relerr(out, ref) < 1e-2
 
 
@@ -65,13 +57,21 @@ def test_mla_decode_mtp_verify(gen: torch.Generator, s_q: int) -> None:
     assert relerr(ref[:, 0], ref[:, -1]) > 1e-2
     # 7 splits: some splits hold only keys the earlier positions may not see.
     # rows_per_program 16: the 8 * s_q rows in one program (s_q = 2) or two (s_q = 4).
-    for splits, tr, rpp in ((1, False, 64), (3, False, 16), (7, False, 64), (7, True, 64), (3, True, 16)):
-        out = mla_decode(
-            q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, num_splits=splits, block_n=16,
-            keys_as_m=tr, rows_per_program=rpp,
-        )  # fmt: skip
+    for splits, rpp in ((1, 64), (3, 16), (7, 64)):
+        cfg = MlaConfig(splits, 16, rows_per_program=rpp)
+        out = mla_decode(q, kv, block_table, seq_lens, SCALE, kv_lora_rank=LORA, config=cfg)
         assert out.shape == ref.shape
-        assert relerr(out, ref) < 1e-2, (splits, tr, rpp)
+        assert relerr(out, ref) < 1e-2, (splits, rpp)
+
+
+def test_dispatch_follows_the_measured_rules() -> None:
+    # One wave of splits with 64-key blocks while the rows fit 32; two splits of 32-key blocks at
+    # 4 warps from B = 66; 32-key blocks at 8 warps for the 64-row verify programs.
+    assert mla_config(1) == MlaConfig(32, 64, 8)
+    assert mla_config(32) == MlaConfig(4, 64, 8)
+    assert mla_config(65) == MlaConfig(2, 64, 8)
+    assert mla_config(128) == MlaConfig(2, 32, 4)
+    assert mla_config(32, s_q=2) == MlaConfig(4, 32, 8)
 
 
 def test_splits_keep_every_split_inside_one_chunk() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from ling_runtime.kernels.mla_prefill import mla_prefill, mla_prefill_ref
+from ling_runtime.kernels.mla_prefill import MlaPrefillConfig, mla_prefill, mla_prefill_ref
 
 from tests.kernels.util import relerr
 
 H, NOPE, ROPE, DV = 2, 32, 16, 32
 SCALE = (NOPE + ROPE) ** -0.5
+SMALL = MlaPrefillConfig(block_m=16, block_n=16)
 
 
 def _cu(lens: list[int]) -> torch.Tensor:
@@ -26,7 +27,8 @@ def test_prefill_varlen_with_prefixes(gen: torch.Generator) -> None:
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     ref = mla_prefill_ref(q, k, v, cu_q, cu_k, SCALE)
     for bm, bn in ((16, 16), (32, 16)):
-        out = mla_prefill(q, k, v, cu_q, cu_k, SCALE, rope_dim=ROPE, block_m=bm, block_n=bn)
+        cfg = MlaPrefillConfig(block_m=bm, block_n=bn)
+        out = mla_prefill(q, k, v, cu_q, cu_k, SCALE, rope_dim=ROPE, config=cfg)
         assert relerr(out, ref) < 1e-2, (bm, bn)
     # The prefix matters: without it (len_k = len_q) the chunk's answer must differ.
     ref_noprefix = mla_prefill_ref(q[37:57], k[37 + 33 : 90], v[37 + 33 : 90], _cu([20]), _cu([20]), SCALE)
@@ -34,7 +36,7 @@ def test_prefill_varlen_with_prefixes(gen: torch.Generator) -> None:
     # Keys past len_k (and rows past len_q) are never read: poisoning the padding changes nothing.
     kp = torch.cat([k, torch.full((5, H, NOPE + ROPE), float("nan")).bfloat16()])
     vp = torch.cat([v, torch.full((5, H, DV), float("nan")).bfloat16()])
-    out = mla_prefill(q, kp, vp, cu_q, cu_k, SCALE, rope_dim=ROPE, block_m=16, block_n=16)
+    out = mla_prefill(q, kp, vp, cu_q, cu_k, SCALE, rope_dim=ROPE, config=SMALL)
     assert relerr(out, ref) < 1e-2
 
 
@@ -49,7 +51,5 @@ def test_prefill_model_pieces_shared_rope_key(gen: torch.Generator) -> None:
     cu = _cu(lens)
     k_full = torch.cat([k_nope, k_pe[:, None].expand(-1, H, -1)], dim=-1)
     ref = mla_prefill_ref(q, k_full, v, cu, cu, SCALE)
-    out = mla_prefill(
-        q[..., :NOPE], k_nope, v, cu, cu, SCALE, q_pe=q[..., NOPE:], k_pe=k_pe, block_m=16, block_n=16
-    )
+    out = mla_prefill(q[..., :NOPE], k_nope, v, cu, cu, SCALE, q_pe=q[..., NOPE:], k_pe=k_pe, config=SMALL)
     assert relerr(out, ref) < 1e-2

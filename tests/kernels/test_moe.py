@@ -5,12 +5,27 @@ Interpreter, tiny sizes; fp8 tests use 32 x 32 scale blocks except one at the re
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from ling_runtime.kernels import moe as moe_mod
 from ling_runtime.kernels import moe_prefill
-from ling_runtime.kernels.moe import dequant_blockwise, fused_moe, fused_moe_ref, moe_route, moe_route_ref
-from ling_runtime.kernels.moe_prefill import dequant_experts, fused_moe_grouped, moe_align
+from ling_runtime.kernels.moe import (
+    dequant_blockwise,
+    fused_moe,
+    fused_moe_ref,
+    moe_config,
+    moe_route,
+    moe_route_ref,
+)
+from ling_runtime.kernels.moe_prefill import (
+    MoeConfig,
+    dequant_experts,
+    fused_moe_grouped,
+    grouped_config,
+    moe_align,
+)
 
 from tests.kernels.util import relerr
 
@@ -27,8 +42,13 @@ def test_router_matches_reference(gen: torch.Generator) -> None:
     assert all(len(set((row[:-1] // 8).tolist())) <= 3 for row in ids)
 
 
+# Small decode tiles for the tiny dims below (pairs are (up, down)).
+DECODE = MoeConfig("decode", 16, (16, 32), (32, 16), (4, 4), (3, 3))
+GROUPED = MoeConfig("grouped", 16, (16, 32), (32, 16), (4, 4), (2, 2))
+
+
 # bsz 20: expert grid, and the shared expert's 20 tokens take two trips of the 16-row M loop;
-# bsz 2: pair grid. dense_shared: the shared expert as plain GEMMs instead of in the grouped kernels.
+# bsz 2: pair grid. dense_shared: the shared expert as plain GEMMs instead of in the decode kernels.
 @pytest.mark.parametrize(("bsz", "dense_shared"), [(20, False), (2, False), (20, True)])
 def test_fused_moe_matches_reference_with_shared_expert(
     gen: torch.Generator, bsz: int, dense_shared: bool
@@ -40,18 +60,15 @@ def test_fused_moe_matches_reference_with_shared_expert(
     logits = torch.randn(bsz, n_routed, generator=gen)
     ids, w = moe_route_ref(logits, torch.zeros(n_routed), top_k=2, n_group=4, topk_group=2, scaling=2.5)
     ref = fused_moe_ref(x, w13, w2, ids, w)
-    out = fused_moe(
-        x, w13, w2, ids, w, block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared
-    )
+    cfg = replace(DECODE, dense_shared=dense_shared)
+    out = fused_moe(x, w13, w2, ids, w, config=cfg)
     assert relerr(out, ref) < 1e-2
     # A token's output changes when its routing changes: the kernel really reads the ids.
     ids2 = ids.clone()
     ids2[0, 0] = (
         (ids[0, 0] + 1) % n_routed if (ids[0, 0] + 1) % n_routed != ids[0, 1] else (ids[0, 0] + 2) % n_routed
     )
-    out2 = fused_moe(
-        x, w13, w2, ids2, w, block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared
-    )
+    out2 = fused_moe(x, w13, w2, ids2, w, config=cfg)
     assert relerr(out2[0], out[0]) > 1e-2 and torch.equal(out2[1:], out[1:])
 
 
@@ -91,7 +108,7 @@ def route(
 
 
 # FP8 decode: pair grid (2), expert grid with two trips of the M loop (20), and the shared expert
-# taken out to the fp8 grouped GEMM (dense_shared).
+# taken out to the fp8 grouped GEMM (dense_shared, with grouped_config's tiles clipped to the dims).
 @pytest.mark.parametrize(("bsz", "dense_shared"), [(2, False), (20, False), (20, True)])
 def test_fused_moe_fp8_decode_matches_reference(gen: torch.Generator, bsz: int, dense_shared: bool) -> None:
     n_routed, hid, inter, qb = 8, 64, 32, 32
@@ -99,26 +116,17 @@ def test_fused_moe_fp8_decode_matches_reference(gen: torch.Generator, bsz: int, 
     x = torch.randn(bsz, hid, generator=gen).bfloat16()
     ids, w = route(gen, bsz, n_routed)
     ref = fused_moe_ref(x, w13, w2, ids, w, s13, s2)
-    grouped = dict(block_m=16, block_n=(16, 32), block_k=(32, 16))
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared, grouped=grouped)
-    out = fused_moe(x, w13, w2, ids, w, w13_scale=s13, w2_scale=s2, **kw)
+    cfg = replace(DECODE, dense_shared=dense_shared)
+    out = fused_moe(x, w13, w2, ids, w, s13, s2, config=cfg)
     assert relerr(out, ref) < 1e-2
     # The scales are read per block: doubling one expert's up-projection scales changes exactly
     # the tokens routed to it.
     e = int(ids[0, 0])
     s13b = s13.clone()
     s13b[e, s13.shape[1] // 2 :] *= 2
-    out2 = fused_moe(x, w13, w2, ids, w, w13_scale=s13b, w2_scale=s2, **kw)
+    out2 = fused_moe(x, w13, w2, ids, w, s13b, s2, config=cfg)
     hit = (ids == e).any(1)
     assert relerr(out2[hit], out[hit]) > 0.1 and torch.equal(out2[~hit], out[~hit])
-    # fp8 x fp8 (activations quantised per token per BK group in the kernel): rounding x and h to
-    # e4m3 costs ~3.5% each in torch emulation, and the interpreter truncates e4m3 subnormals
-    # (GPU rounds them), so ~7% here; a dropped activation scale would be off by orders of magnitude.
-    out8 = fused_moe(x, w13, w2, ids, w, w13_scale=s13, w2_scale=s2, act_fp8=True, **kw)
-    assert relerr(out8, ref) < 0.1 and not torch.equal(out8, out)
-    # fp8 widened to fp16 (x and h cast to fp16): as accurate as the bf16 widening.
-    out16 = fused_moe(x, w13, w2, ids, w, w13_scale=s13, w2_scale=s2, wide_fp16=True, **kw)
-    assert relerr(out16, ref) < 1e-2
 
 
 def test_fused_moe_fp8_real_scale_block(gen: torch.Generator) -> None:
@@ -134,63 +142,11 @@ def test_fused_moe_fp8_real_scale_block(gen: torch.Generator) -> None:
         topk_group=1,
         scaling=1.0,
     )
-    out = fused_moe(x, w13, w2, ids, w, block_n=(64, 64), block_k=(128, 64), w13_scale=s13, w2_scale=s2)
+    cfg = MoeConfig("decode", 16, (64, 64), (128, 64), (4, 4), (4, 4))
+    out = fused_moe(x, w13, w2, ids, w, s13, s2, config=cfg)
     assert (
         s13.shape == (n_routed + 1, 2, 2) and relerr(out, fused_moe_ref(x, w13, w2, ids, w, s13, s2)) < 1e-2
     )
-
-
-# Decode kernels swap-AB (weight rows on the MMA's M side) and not, per weight mode; the fp16
-# activation scale per row (one pass before the K loop) or per K block; block_k = 2 scale blocks
-# (two partial products with their own scales per K trip); split_k 2 (the last split of a tile sums
-# the fp32 partials, one counter per M trip). Pair grid (bsz 2) and expert grid with two trips of
-# the M loop (bsz 20). Each case runs fused_moe twice: the split-K counters must be back at 0.
-SWAP_CASES = [
-    # (fp8, swap, row_scale, wide_fp16, block_k, split_k)
-    (False, True, True, None, (32, 16), 1),
-    (True, True, True, None, (32, 16), 1),
-    (True, True, False, None, (32, 16), 1),
-    (True, True, True, None, (64, 32), 1),
-    (True, True, False, False, (64, 32), 1),
-    (True, False, True, None, (32, 16), 1),
-    (True, True, True, None, (32, 16), 2),
-    (False, True, True, None, (16, 16), 4),
-]
-
-
-@pytest.mark.parametrize("bsz", [2, 20])
-@pytest.mark.parametrize(("fp8", "swap", "row_scale", "wide_fp16", "block_k", "split_k"), SWAP_CASES)
-def test_decode_swap_and_row_scale_match_reference(
-    gen: torch.Generator,
-    bsz: int,
-    fp8: bool,
-    swap: bool,
-    row_scale: bool,
-    wide_fp16: bool | None,
-    block_k: tuple[int, int],
-    split_k: int,
-) -> None:
-    n_routed, hid, inter, qb = 8, 64, 32, 32
-    w13, w2, s13, s2 = make_experts(gen, n_routed, hid, inter, fp8, qb)
-    x = torch.randn(bsz, hid, generator=gen).bfloat16()
-    ids, w = route(gen, bsz, n_routed)
-    ref = fused_moe_ref(x, w13, w2, ids, w, s13, s2)
-    kw = dict(block_m=16, block_n=(16, 32), block_k=block_k, dense_shared=False, swap=swap, row_scale=row_scale,
-              w13_scale=s13, w2_scale=s2, wide_fp16=wide_fp16, split_k=split_k)  # fmt: skip
-    out = fused_moe(x, w13, w2, ids, w, **kw)
-    assert relerr(out, ref) < 1e-2
-    if split_k > 1:
-        assert not moe_mod._split_counters(x.device).any()
-        assert torch.equal(fused_moe(x, w13, w2, ids, w, **kw), out)  # deterministic, counters reusable
-    if fp8:
-        # Each of the two scale blocks in a K trip takes its own scale: doubling the second K
-        # block's scales of one expert's up rows changes exactly its tokens.
-        e = int(ids[0, 0])
-        s13b = s13.clone()
-        s13b[e, :, -1] *= 2
-        out2 = fused_moe(x, w13, w2, ids, w, **(kw | dict(w13_scale=s13b)))
-        hit = (ids == e).any(1)
-        assert relerr(out2[hit], out[hit]) > 0.05 and torch.equal(out2[~hit], out[~hit])
 
 
 def test_moe_align_tiles_cover_every_pair_once(gen: torch.Generator) -> None:
@@ -221,38 +177,29 @@ def test_fused_moe_grouped_matches_reference(gen: torch.Generator, fp8: bool) ->
     ids, w = route(gen, tokens, n_routed, dead=2)
     assert not torch.isin(ids, torch.tensor([6, 7])).any()
     ref = fused_moe_ref(x, w13, w2, ids, w, s13, s2)
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), num_warps=(4, 4), num_stages=(2, 2))
-    out = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, **kw)
+    out = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, config=GROUPED)
     assert relerr(out, ref) < 1e-2
-    if fp8:
-        out8 = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, act_fp8=True, **kw)
-        assert relerr(out8, ref) < 0.1 and not torch.equal(out8, out)  # see the fp8 decode test
-        out16 = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, wide_fp16=True, **kw)
-        assert relerr(out16, ref) < 1e-2
-    # fused_moe dispatches here at and above grouped_from (with the grouped defaults' tiles).
+    # fused_moe runs a grouped config through here (the default grouped tiles at other dims).
     if not fp8:
         big_hid, big_inter = 128, 64  # the default grouped tiles (64, 128) need these multiples
         w13b, w2b, _, _ = make_experts(gen, n_routed, big_hid, big_inter, False, 32)
         xb = torch.randn(tokens, big_hid, generator=gen).bfloat16()
-        via = fused_moe(xb, w13b, w2b, ids, w, grouped_from=tokens)
+        via = fused_moe(xb, w13b, w2b, ids, w, config=grouped_config(tokens, big_inter, big_hid))
         assert relerr(via, fused_moe_ref(xb, w13b, w2b, ids, w)) < 1e-2
     # Routing is honoured: moving token 0's first slot to another expert changes token 0 only.
     ids2 = ids.clone()
     ids2[0, 0] = 5 if ids[0, 0] != 5 and ids[0, 1] != 5 else 4 if ids[0, 1] != 4 else 3
-    out2 = fused_moe_grouped(x, w13, w2, ids2, w, s13, s2, **kw)
+    out2 = fused_moe_grouped(x, w13, w2, ids2, w, s13, s2, config=GROUPED)
     assert relerr(out2[0], out[0]) > 1e-2 and torch.equal(out2[1:], out[1:])
 
 
-# The default fp8 path widens the weights to fp16 against fp16 activations; fp16 tops out at
-# 65504, so each row's K block is scaled by a power of two first. Token 0 carries values ~1e5
-# (its h is ~1e11) and token 1 values ~1e-6: both must come out as accurate as the other rows.
-# swap/row_scale: the decode kernels' swap-AB path (default) with the scale once per row or per K
-# block, and the unswapped kernels. Token 2 has a single 1e5 outlier among unit values: the row
-# scale follows the outlier and the unit values must survive it.
-@pytest.mark.parametrize(("swap", "row_scale"), [(True, True), (True, False), (False, True)])
+# The fp8 path widens the weights to fp16 against fp16 activations; fp16 tops out at 65504, so
+# each row's K block is scaled by a power of two first. Token 0 carries values ~1e5 (its h is
+# ~1e11), token 1 values ~1e-6, token 2 a single 1e5 outlier among unit values: all must come out
+# as accurate as the other rows, in the decode kernels and in the grouped (prefill) ones.
 @pytest.mark.parametrize(("bsz", "dense_shared"), [(3, False), (20, True)])
 def test_fp8_fp16_path_survives_huge_and_tiny_rows(
-    gen: torch.Generator, bsz: int, dense_shared: bool, swap: bool, row_scale: bool
+    gen: torch.Generator, bsz: int, dense_shared: bool
 ) -> None:
     n_routed, hid, inter, qb = 8, 64, 32, 32
     w13, w2, s13, s2 = make_experts(gen, n_routed, hid, inter, True, qb)
@@ -263,22 +210,10 @@ def test_fp8_fp16_path_survives_huge_and_tiny_rows(
     x = x.bfloat16()
     ids, w = route(gen, bsz, n_routed)
     ref = fused_moe_ref(x, w13, w2, ids, w, s13, s2)
-    grouped = dict(block_m=16, block_n=(16, 32), block_k=(32, 16))
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared, grouped=grouped,
-              swap=swap, row_scale=row_scale)  # fmt: skip
-    out = fused_moe(x, w13, w2, ids, w, w13_scale=s13, w2_scale=s2, **kw)
+    out = fused_moe(x, w13, w2, ids, w, s13, s2, config=replace(DECODE, dense_shared=dense_shared))
+    outg = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, config=GROUPED)
     for row in range(bsz):
         assert relerr(out[row], ref[row]) < 1e-2, row
-    # Without the scaling the same default (fp16) path overflows on token 0 only.
-    raw = fused_moe(x, w13, w2, ids, w, w13_scale=s13, w2_scale=s2, fp16_scaled=False, **kw)
-    assert (
-        not raw[0].isfinite().all()
-        and not raw[2].isfinite().all()
-        and (bsz == 3 or relerr(raw[3:], ref[3:]) < 1e-2)
-    )
-    # The grouped (prefill) kernels use the same scaled fp16 path by default.
-    outg = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, **grouped, num_warps=(4, 4), num_stages=(2, 2))
-    for row in range(bsz):
         assert relerr(outg[row], ref[row]) < 1e-2, row
 
 
@@ -293,17 +228,19 @@ def test_grouped_dequant_path_matches_reference(
     assert relerr(dequant_experts(w13, s13), full) < 8e-3
     x = torch.randn(tokens, hid, generator=gen).bfloat16()
     ids, w = route(gen, tokens, n_routed)
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), num_warps=(4, 4), num_stages=(2, 2))
-    out = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, dequant=True, **kw)
+    # From FP8_DEQUANT_FROM tokens on the default fp8 config is this path.
+    monkeypatch.setattr(moe_prefill, "FP8_DEQUANT_FROM", tokens)
+    cfg = grouped_config(tokens, inter, hid, 32)
+    assert cfg.path == "dequant"
+    out = fused_moe_grouped(x, w13, w2, ids, w, s13, s2, config=cfg)
     # Rounding w * scale to bf16 (the interpreter truncates: biased, ~1.4% here; the GPU rounds).
     assert relerr(out, fused_moe_ref(x, w13, w2, ids, w, s13, s2)) < 3e-2
-    # Past FP8_DEQUANT_FROM tokens the default fp8 path is this one.
-    monkeypatch.setattr(moe_prefill, "FP8_DEQUANT_FROM", tokens)
-    assert torch.equal(fused_moe_grouped(x, w13, w2, ids, w, s13, s2, **kw), out)
+    assert torch.equal(fused_moe_grouped(x, w13, w2, ids, w, s13, s2), out)
     monkeypatch.setattr(moe_prefill, "FP8_DEQUANT_FROM", tokens + 1)
-    assert not torch.equal(fused_moe_grouped(x, w13, w2, ids, w, s13, s2, **kw), out)
+    assert grouped_config(tokens, inter, hid, 32).path == "grouped"
+    assert not torch.equal(fused_moe_grouped(x, w13, w2, ids, w, s13, s2), out)
     # The scales are honoured: doubling all of w2's scales doubles y.
-    out2 = fused_moe_grouped(x, w13, w2, ids, w, s13, s2 * 2, dequant=True, **kw)
+    out2 = fused_moe_grouped(x, w13, w2, ids, w, s13, s2 * 2, config=cfg)
     assert relerr(out2, 2 * out.float()) < 1e-2
 
 
@@ -321,13 +258,13 @@ def test_grouped_from_is_per_dtype(gen: torch.Generator, monkeypatch: pytest.Mon
     n_routed, hid, inter = 8, 64, 32
     q13, q2, s13, s2 = make_experts(gen, n_routed, hid, inter, True, 32)
     b13, b2, _, _ = make_experts(gen, n_routed, hid, inter, False, 32)
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=False)
     for bsz, fp8, grouped in [(4, False, True), (3, False, False), (5, True, False), (6, True, True)]:
         x = torch.randn(bsz, hid, generator=gen).bfloat16()
         ids, w = route(gen, bsz, n_routed)
         calls.clear()
         if fp8:
-            fused_moe(x, q13, q2, ids, w, w13_scale=s13, w2_scale=s2, **kw)
+            fused_moe(x, q13, q2, ids, w, s13, s2)
         else:
-            fused_moe(x, b13, b2, ids, w, **kw)
+            fused_moe(x, b13, b2, ids, w)
         assert calls == ([bsz] if grouped else []), (bsz, fp8)
+        assert (moe_config(bsz, inter, hid, 32 if fp8 else 0).path == "grouped") == grouped

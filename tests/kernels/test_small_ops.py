@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ling_runtime.kernels.moe import fused_moe, moe_route_ref
+from ling_runtime.kernels.moe_prefill import MoeConfig, grouped_config
 from ling_runtime.kernels.norms import (
     add_rmsnorm,
     add_rmsnorm_partials,
@@ -70,10 +71,9 @@ def test_fused_moe_partials_sum_to_reduced_output(
     x = torch.randn(bsz, hid, generator=gen).bfloat16()
     logits = torch.randn(bsz, n_routed, generator=gen)
     ids, w = moe_route_ref(logits, torch.zeros(n_routed), top_k=2, n_group=4, topk_group=2, scaling=2.5)
-    kw = dict(block_m=16, block_n=(16, 32), block_k=(32, 16), dense_shared=dense_shared, w13_scale=s13,
-              w2_scale=s2, grouped={"block_m": 16, "block_n": (32, 32), "block_k": (32, 32)} if fp8 else None)  # fmt: skip
-    reduced = fused_moe(x, w13, w2, ids, w, **kw)
-    parts = fused_moe(x, w13, w2, ids, w, reduce=False, **kw)
+    cfg = MoeConfig("decode", 16, (16, 32), (32, 16), (4, 4), (3, 3), dense_shared=dense_shared)
+    reduced = fused_moe(x, w13, w2, ids, w, s13, s2, config=cfg)
+    parts = fused_moe(x, w13, w2, ids, w, s13, s2, config=cfg, reduce=False)
     assert parts.shape == (bsz, ids.shape[1], hid) and parts.dtype == torch.float32
     assert relerr(parts.sum(1).bfloat16(), reduced) < 1e-2
     # Every slot is filled (the shared column too, where it runs outside the grouped kernels).
@@ -90,7 +90,7 @@ def test_fused_moe_partials_refused_by_grouped_path(gen: torch.Generator) -> Non
     x = torch.randn(4, 64, generator=gen).bfloat16()
     ids = torch.tensor([[0, 4], [1, 4], [2, 4], [3, 4]])
     with pytest.raises(AssertionError, match="reduce=False"):
-        fused_moe(x, w13, w2, ids, torch.ones(4, 2), grouped_from=2, reduce=False)
+        fused_moe(x, w13, w2, ids, torch.ones(4, 2), config=grouped_config(4, 32, 64), reduce=False)
 
 
 def test_group_rmsnorm_gate(gen: torch.Generator) -> None:

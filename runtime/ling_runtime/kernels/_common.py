@@ -13,8 +13,39 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Decided once, at import, exactly as ``triton.jit`` decides it when it decorates the kernels below
+# this module: a kernel is either interpreted or compiled for its whole life.
+INTERPRET: tl.constexpr = tl.constexpr(interpret_mode())
+
+
+def _interpreter_accepts_loaded_loop_bounds() -> None:
+    """Let the interpreter run ``for i in range(start, end, STEP)`` over loaded or argument bounds.
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with ``int(ndarray)``, which
+    numpy >= 2.4 refuses for the one-element arrays its scalars are (``.item()`` takes both). Without
+    this every kernel needed a ``while`` twin of each such loop for the CPU tests, beside the
+    ``for`` the compiler pipelines; with it the kernels have one loop, compiled unchanged.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_ling_loop_bounds", False):
+        return
+
+    def patch(tensor: object, scope: interpreter._LangPatchScope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch._ling_loop_bounds = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patch
+
+
+if INTERPRET:
+    _interpreter_accepts_loaded_loop_bounds()
+
+
 @triton.jit
-def mma(a, b, INTERPRET: tl.constexpr):
+def mma(a, b):
     """tl.dot that works under the interpreter too.
 
     Triton 3.6's interpreter computes bf16 x bf16 tl.dot from the raw bit patterns (results near

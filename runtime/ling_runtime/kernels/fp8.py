@@ -6,36 +6,37 @@ W_true[n, k] = w[n, k] * scale[n // 128, k // 128]. K must be a multiple of 128;
 (MLA kv_a is 576 rows: the last scale row covers a partial block and rows past N are masked).
 
 Decode is bound by reading W, so the kernels are built to keep many bytes in flight per SM, and
-``fp8_linear`` picks one of five paths from (M, N, K) via ``pick_config`` (``DISPATCH`` holds the
-measured winners; bench/gpu/fp8_sweep.py prints a ready-to-paste table):
+``fp8_linear`` takes an ``Fp8Config`` (``pick_config``: the measured ``DISPATCH`` by (N, K,
+M bucket), else ``default_config``; bench/gpu/fp8_sweep.py prints a ready-to-paste table). Kinds:
 
-- ``gemv`` (default M = 1): no tensor cores. Each program widens a [BN, BK] fp8 tile (BK =
-  256..512, several scale blocks at once) to fp32 and multiplies it by the scaled x row(s); for BN
-  dividing 128 the block scale is constant over the program's rows, so it is folded into x ([BK]
+- ``gemv`` (M = 1): no tensor cores. Each program widens a [BN, BK] fp8 tile (BK = 256..512,
+  several scale blocks at once) to fp32 and multiplies it by the scaled x row(s); for BN dividing
+  128 the block scale is constant over the program's rows, so it is folded into x ([BK]
   multiplies instead of [BN, BK]). Reduction over K happens once, at the end (2-D / 3-D
   accumulators). ``stages`` > 1 makes the weight loads cp.async pipelined (``tl.range``).
   ``chunk`` (M = 1) walks each step in 128-column chunks into a [BN, 128] accumulator: x and its
   block scale load straight into the broadcast layout (no shared-memory shuffle), fewer registers.
-- ``f16`` (default M 2..128): swap-AB tensor-core GEMM (wgmma), acc[BN, BM] += W_tile @ x^T, so
-  the weight rows fill the MMA's 64-wide M side and the few tokens its narrow N side (M pads to
-  16). Weights widen to fp16 (one cvt per two values; fp16 holds every e4m3 value exactly), x is
-  fed as fp16 scaled per (token, 128-column block) by a power of two (overflow-safe for any bf16
+- ``f16`` (M 2..128): swap-AB tensor-core GEMM (wgmma), acc[BN, BM] += W_tile @ x^T, so the
+  weight rows fill the MMA's 64-wide M side and the few tokens its narrow N side (M pads to 16).
+  Weights widen to fp16 (one cvt per two values; fp16 holds every e4m3 value exactly), x is fed
+  as fp16 scaled per (token, 128-column block) by a power of two (overflow-safe for any bf16
   activation, exact within 2^-29 of the block's amax); both scales go on each K block's fp32
-  partial. ``xpre`` converts x in a separate small pass, ``lastred`` makes the last split-K
-  program of a tile sum the partials (no second launch).
-- ``dot``: the same tiling with the weights widened to bf16 (round 1; 1.5 converts per weight).
-- gemv, dot and f16 take ``split`` > 1 (split-K over programs, fp32 partials [split, M, N] then a
-  tiny reduce launch, or for gemv / f16 with ``lastred`` the in-kernel fix-up) so that small-N
-  shapes still put several programs on every SM. CUDA-graph safe: the
-  partial buffer is a plain allocation, no host sync, shapes depend only on (M, N, K).
-- ``w8a8``: activations quantised per token per 128 columns to e4m3 by a small kernel,
-  then an fp8 x fp8 tl.dot (Hopper QGMMA, fp32 accumulate) with both scales applied per K block.
-  Adds ~2^-4 relative rounding to x (DeepSeek-V3's own inference recipe).
-- ``dequant`` (default M > 128, prefill): W widened to a reusable bf16 scratch by a kernel, then
-  cuBLAS (won every prefill row of round 1).
+  partial. ``xpre`` converts x in a separate small pass.
+- ``dot``: the same tiling with the weights widened to bf16 (1.5 converts per weight); still the
+  measured winner at M 16..128 on the 4096-row shapes.
+- ``split`` > 1 (all three): split-K over programs so that small-N shapes still put several
+  programs on every SM; fp32 partials [split, M, N]. gemv and f16 sum them in the same launch
+  (the last split of a tile to finish does it); dot, or a grid with more tiles than the counter
+  buffer, runs a tiny reduce launch. CUDA-graph safe: the partial buffer is a plain allocation,
+  no host sync, shapes depend only on (M, N, K).
+- ``w8a8``: activations quantised per token per 128 columns to e4m3 by a small kernel, then an
+  fp8 x fp8 tl.dot (Hopper QGMMA, fp32 accumulate) with both scales applied per K block. Adds
+  ~2^-4 relative rounding to x (DeepSeek-V3's own inference recipe); the winner at M 64..128 on
+  the wide shapes.
+- ``dequant`` (M > 128, prefill): W widened to a reusable bf16 scratch by a kernel, then cuBLAS.
 
-Every path is checked against ``fp8_linear_ref`` (tests/kernels/test_fp8.py under the interpreter,
-bench/gpu/fp8_sweep.py at real sizes).
+Every kind is checked against ``fp8_linear_ref`` (tests/kernels/test_fp8.py under the
+interpreter, tests/gpu and bench/gpu/fp8_sweep.py at real sizes).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ling_runtime.kernels._common import interpret_mode
+from ling_runtime.kernels._common import INTERPRET, mma
 
 QBLOCK = 128
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -77,15 +78,6 @@ def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tor
 
 # --------------------------------------------------------------------------------------------
 # Kernels
-
-
-@triton.jit
-def _mma(a, b, INTERPRET: tl.constexpr):
-    # The 3.6 interpreter computes low-precision tl.dot from raw bit patterns; upcast there only.
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -167,8 +159,7 @@ def _gemv_step1(acc, k0, w_ptrs, x_ptrs, s_row, nmask, K, KB: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(acc, k0, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, stride_x,
-               BM: tl.constexpr):  # fmt: skip
+def _gemv_step(acc, k0, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, stride_x, BM: tl.constexpr):
     # Split s walks `steps` whole tiles from s * steps * tile; the last splits may run past K
     # (short or empty: they write zero partials). One scalar compare per step.
     kin = k0 < K
@@ -189,10 +180,27 @@ def _gemv_step(acc, k0, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, strid
 # Sizes and the step count are not specialised: one binary per tile recipe serves every shape.
 @triton.jit(do_not_specialize=["M", "N", "K", "steps", "stride_s"])
 def _fp8_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, steps, stride_x, stride_w, stride_s, stride_y,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr, NS: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    p_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    steps,
+    stride_x,
+    stride_w,
+    stride_s,
+    stride_y,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    NS: tl.constexpr,
     CHUNK: tl.constexpr,
-):  # fmt: skip
+):
     # Grid (N/BN, splits, M/BM); BN divides 128, so one scale row serves the whole program and the
     # block scale is folded into x ([BK] multiplies per step instead of [BN, BK]).
     # SPLIT: 0 none; 1 fp32 partials + _splitk_reduce_kernel; 2 fp32 partials fixed up by the last
@@ -219,27 +227,16 @@ def _fp8_gemv_kernel(
     else:
         offs_m = mb * BM + tl.arange(0, BM)
         acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
-    if INTERPRET:  # the 3.6 interpreter cannot run `for` over runtime-int bounds
-        i = 0
-        while i < steps:
-            if CHUNK:
-                acc = _gemv_step1(acc, lo + i * BK, w1_ptrs, x1_ptrs, s_row, nmask, K, BK // 128)
-            else:
-                acc = _gemv_step(
-                    acc, lo + i * BK, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, stride_x, BM
-                )
-            i += 1
-    else:
-        # Plain loads are not software-pipelined unless the loop asks: NS > 1 turns the weight
-        # loads into cp.async stages (NS - 1 tiles in flight per program); NS = 1 keeps them in
-        # registers (fewer bytes in flight, but no shared-memory round trip).
-        for i in tl.range(0, steps, num_stages=NS):
-            if CHUNK:
-                acc = _gemv_step1(acc, lo + i * BK, w1_ptrs, x1_ptrs, s_row, nmask, K, BK // 128)
-            else:
-                acc = _gemv_step(
-                    acc, lo + i * BK, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, stride_x, BM
-                )
+    # Plain loads are not software-pipelined unless the loop asks: NS > 1 turns the weight loads
+    # into cp.async stages (NS - 1 tiles in flight per program); NS = 1 keeps them in registers
+    # (fewer bytes in flight, but no shared-memory round trip).
+    for i in tl.range(0, steps, num_stages=NS):
+        if CHUNK:
+            acc = _gemv_step1(acc, lo + i * BK, w1_ptrs, x1_ptrs, s_row, nmask, K, BK // 128)
+        else:
+            acc = _gemv_step(
+                acc, lo + i * BK, w_ptrs, x_ptr, s_row, offs_m, offs_k, nmask, M, K, stride_x, BM
+            )
     if BM == 1:
         out = tl.sum(acc, axis=1)[None, :]
         offs_m = mb + tl.arange(0, 1)
@@ -247,51 +244,7 @@ def _fp8_gemv_kernel(
         out = tl.sum(acc, axis=2)
     _store_out(y_ptr, p_ptr, out, offs_m, offs_n, M, N, stride_y, sk, SPLIT > 0)
     if SPLIT == 2:
-        _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM, BN, INTERPRET)
-
-
-@triton.jit
-def _dot_step(acc, k0, w_ptrs, x_ptrs, s_ptrs, nmask, mmask, K, KB: tl.constexpr, INTERPRET: tl.constexpr):
-    # Split s walks `steps` whole tiles from s * steps * tile; the last splits may run past K
-    # (short or empty: they write zero partials). One scalar compare per step.
-    kin = k0 < K
-    for j in tl.static_range(KB):
-        kk = k0 + j * 128
-        w = tl.load(w_ptrs + kk, mask=nmask[:, None] & kin, other=0.0)
-        xt = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0)
-        s = tl.load(s_ptrs + kk // 128, mask=nmask & kin, other=0.0)
-        acc += _mma(w.to(tl.bfloat16), xt, INTERPRET) * s[:, None]
-    return acc
-
-
-@triton.jit(do_not_specialize=["M", "N", "K", "steps", "stride_s"])
-def _fp8_dot_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, p_ptr, M, N, K, steps, stride_x, stride_w, stride_s, stride_y,
-    BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    # Swap-AB: acc[BN, BM] = W_tile @ x^T. KB scale blocks (KB*128 columns) per loop iteration.
-    nb = tl.program_id(0)
-    sk = tl.program_id(1)
-    mb = tl.program_id(2)
-    offs_n = nb * BN + tl.arange(0, BN)
-    offs_m = mb * BM + tl.arange(0, BM)
-    offs_k = tl.arange(0, 128)
-    nmask = offs_n < N
-    mmask = offs_m < M
-    lo = sk * steps * (KB * 128)
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
-    x_ptrs = x_ptr + offs_m[None, :] * stride_x + offs_k[:, None]
-    s_ptrs = s_ptr + (offs_n // 128) * stride_s
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    if INTERPRET:
-        i = 0
-        while i < steps:
-            acc = _dot_step(acc, lo + i * (KB * 128), w_ptrs, x_ptrs, s_ptrs, nmask, mmask, K, KB, INTERPRET)
-            i += 1
-    else:
-        for i in range(0, steps):
-            acc = _dot_step(acc, lo + i * (KB * 128), w_ptrs, x_ptrs, s_ptrs, nmask, mmask, K, KB, INTERPRET)
-    _store_out(y_ptr, p_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_y, sk, SPLIT)
+        _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM, BN)
 
 
 @triton.jit
@@ -307,34 +260,71 @@ def _x_pow2(amax):
 
 
 @triton.jit
-def _f16_step(acc, k0, w_ptrs, x_ptrs, xs_ptrs, s_ptrs, nmask, mmask, K, KB: tl.constexpr, XPRE: tl.constexpr,
-              INTERPRET: tl.constexpr):  # fmt: skip
+def _swap_step(
+    acc,
+    k0,
+    w_ptrs,
+    x_ptrs,
+    xs_ptrs,
+    s_ptrs,
+    nmask,
+    mmask,
+    K,
+    KB: tl.constexpr,
+    F16: tl.constexpr,
+    XPRE: tl.constexpr,
+):
+    # KB scale blocks of 128 columns per step. Split s walks `steps` whole steps from
+    # s * steps * step; the last splits may run past K (short or empty: they write zero partials).
     kin = k0 < K
     for j in tl.static_range(KB):
         kk = k0 + j * 128
         w = tl.load(w_ptrs + kk, mask=nmask[:, None] & kin, other=0.0)
-        s = tl.load(s_ptrs + kk // 128, mask=nmask & kin, other=0.0)
-        if XPRE:  # x already fp16 with its inverse scales (_x_f16_kernel)
-            x16 = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0)
-            down = tl.load(xs_ptrs + kk // 128, mask=mmask & kin, other=0.0)
+        if F16:
+            s = tl.load(s_ptrs + kk // 128, mask=nmask & kin, other=0.0)
+            if XPRE:  # x already fp16 with its inverse scales (_x_f16_kernel)
+                x16 = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0)
+                down = tl.load(xs_ptrs + kk // 128, mask=mmask & kin, other=0.0)
+            else:
+                xt = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0).to(tl.float32)
+                up, down = _x_pow2(tl.max(tl.abs(xt), axis=0))
+                x16 = (xt * up[None, :]).to(tl.float16)
+            acc += mma(w.to(tl.float16), x16) * (s[:, None] * down[None, :])
         else:
-            xt = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0).to(tl.float32)
-            up, down = _x_pow2(tl.max(tl.abs(xt), axis=0))
-            x16 = (xt * up[None, :]).to(tl.float16)
-        acc += _mma(w.to(tl.float16), x16, INTERPRET) * (s[:, None] * down[None, :])
+            xt = tl.load(x_ptrs + kk, mask=mmask[None, :] & kin, other=0.0)
+            s = tl.load(s_ptrs + kk // 128, mask=nmask & kin, other=0.0)
+            acc += mma(w.to(tl.bfloat16), xt) * s[:, None]
     return acc
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "steps", "stride_s"])
-def _fp8_f16_kernel(
-    x_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, p_ptr, c_ptr, M, N, K, steps, stride_x, stride_w, stride_s, stride_y,
-    BM: tl.constexpr, BN: tl.constexpr, KB: tl.constexpr, SPLIT: tl.constexpr, XPRE: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):  # fmt: skip
-    # Same swap-AB tiling as _fp8_dot_kernel (acc[BN, BM] = W_tile @ x^T, the weight rows on the
-    # wgmma's 64-wide side), but fp16 operands: sm_90 SASS has one F2FP.F16.E4M3.UNPACK_B per two
-    # weights, where the bf16 widening adds an F2F.BF16.F16 per weight (1.5 converts per weight,
-    # against ~16 converts/clk/SM and ~16 fp8 bytes/clk/SM at full HBM rate).
+def _fp8_swap_kernel(
+    x_ptr,
+    xs_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    p_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    steps,
+    stride_x,
+    stride_w,
+    stride_s,
+    stride_y,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    KB: tl.constexpr,
+    SPLIT: tl.constexpr,
+    F16: tl.constexpr,
+    XPRE: tl.constexpr,
+):
+    # Swap-AB: acc[BN, BM] = W_tile @ x^T, the weight rows on the wgmma's 64-wide side. F16: fp16
+    # operands, where sm_90 SASS has one F2FP.F16.E4M3.UNPACK_B per two weights; else (``dot``)
+    # bf16, which adds an F2F.BF16.F16 per weight (1.5 converts per weight, against ~16
+    # converts/clk/SM and ~16 fp8 bytes/clk/SM at full HBM rate).
     # SPLIT: 0 none; 1 fp32 partials + _splitk_reduce_kernel; 2 fp32 partials, and the last
     # split to finish a tile sums them (no second launch, see _last_split_reduce).
     nb = tl.program_id(0)
@@ -351,24 +341,19 @@ def _fp8_f16_kernel(
     xs_ptrs = xs_ptr + offs_m * (K // 128)
     s_ptrs = s_ptr + (offs_n // 128) * stride_s
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    if INTERPRET:
-        i = 0
-        while i < steps:
-            acc = _f16_step(acc, lo + i * (KB * 128), w_ptrs, x_ptrs, xs_ptrs, s_ptrs, nmask, mmask, K, KB, XPRE,
-                            INTERPRET)  # fmt: skip
-            i += 1
-    else:
-        for i in range(0, steps):
-            acc = _f16_step(acc, lo + i * (KB * 128), w_ptrs, x_ptrs, xs_ptrs, s_ptrs, nmask, mmask, K, KB, XPRE,
-                            INTERPRET)  # fmt: skip
+    for i in range(0, steps):
+        acc = _swap_step(
+            acc, lo + i * (KB * 128), w_ptrs, x_ptrs, xs_ptrs, s_ptrs, nmask, mmask, K, KB, F16, XPRE
+        )
     _store_out(y_ptr, p_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_y, sk, SPLIT > 0)
     if SPLIT == 2:
-        _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM, BN, INTERPRET)
+        _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM, BN)
 
 
 @triton.jit
-def _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM: tl.constexpr, BN: tl.constexpr,
-                       INTERPRET: tl.constexpr):  # fmt: skip
+def _last_split_reduce(
+    y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM: tl.constexpr, BN: tl.constexpr
+):
     # Split-K fix-up inside the GEMM launch: every split has stored its fp32 partial; it bumps the
     # tile's counter (release: the barrier first, so all of this program's stores are ordered
     # before it), and the split that sees count == splits - 1 (acquire) sums the partials in
@@ -382,14 +367,8 @@ def _last_split_reduce(y_ptr, p_ptr, c_ptr, offs_m, offs_n, M, N, stride_y, BM: 
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         ptrs = p_ptr + offs_m[:, None] * N + offs_n[None, :]
         tot = tl.zeros((BM, BN), dtype=tl.float32)
-        if INTERPRET:
-            s = 0
-            while s < nsplit:
-                tot += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
-                s += 1
-        else:
-            for s in range(0, nsplit):
-                tot += tl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(0, nsplit):
+            tot += tl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(
             y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], tot.to(y_ptr.dtype.element_ty), mask=mask
         )
@@ -405,25 +384,22 @@ def _x_f16_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BR: tl.constexpr):
     mmask = offs_m < M
     x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mmask[:, None], other=0.0)
     up, down = _x_pow2(tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], (x.to(tl.float32) * up[:, None]).to(tl.float16),
-             mask=mmask[:, None])  # fmt: skip
+    tl.store(
+        q_ptr + offs_m[:, None] * K + offs_k[None, :],
+        (x.to(tl.float32) * up[:, None]).to(tl.float16),
+        mask=mmask[:, None],
+    )
     tl.store(s_ptr + offs_m * (K // 128) + kb, down, mask=mmask)
 
 
 @triton.jit(do_not_specialize=["M", "N", "split"])
-def _splitk_reduce_kernel(p_ptr, y_ptr, M, N, stride_y, split, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+def _splitk_reduce_kernel(p_ptr, y_ptr, M, N, stride_y, split, BLOCK: tl.constexpr):
     # The split count is a runtime value: one binary for every shape's split factor.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    if INTERPRET:
-        s = 0
-        while s < split:
-            acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
-            s += 1
-    else:
-        for s in range(0, split):
-            acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
+    for s in range(0, split):
+        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
     m = offs // N
     tl.store(y_ptr + m * stride_y + offs % N, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -439,9 +415,7 @@ def _e4m3_round_interp(v):
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_s, BR: tl.constexpr, INTERPRET: tl.constexpr
-):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, stride_s, BR: tl.constexpr):
     # One program per (BR rows, one 128-column group): per-token, per-group e4m3 scaling.
     offs_m = tl.program_id(0) * BR + tl.arange(0, BR)
     kb = tl.program_id(1)
@@ -460,20 +434,33 @@ def _act_quant_kernel(
 
 
 @triton.jit
-def _w8a8_step(acc, kb, a_ptrs, w_ptrs, as_ptrs, s_ptrs, mmask, nmask, INTERPRET: tl.constexpr):
+def _w8a8_step(acc, kb, a_ptrs, w_ptrs, as_ptrs, s_ptrs, mmask, nmask):
     a = tl.load(a_ptrs + kb * 128, mask=mmask[:, None], other=0.0)
     w = tl.load(w_ptrs + kb * 128, mask=nmask[None, :], other=0.0)
     sa = tl.load(as_ptrs + kb, mask=mmask, other=0.0)
     sw = tl.load(s_ptrs + kb, mask=nmask, other=0.0)
-    return acc + _mma(a, w, INTERPRET) * sa[:, None] * sw[None, :]
+    return acc + mma(a, w) * sa[:, None] * sw[None, :]
 
 
 # K stays a (16-divisible) runtime value: one binary per tile recipe for every K.
 @triton.jit(do_not_specialize=["M", "N", "stride_s"])
 def _w8a8_kernel(
-    a_ptr, as_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_as, stride_w, stride_s, stride_y,
-    BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    as_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_as,
+    stride_w,
+    stride_s,
+    stride_y,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # Grouped tile order so consecutive programs share W tiles in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -493,14 +480,8 @@ def _w8a8_kernel(
     as_ptrs = as_ptr + offs_m * stride_as
     s_ptrs = s_ptr + (offs_n // 128) * stride_s
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if INTERPRET:  # the 3.6 interpreter cannot run `for` over runtime-int bounds
-        kb = 0
-        while kb < K // 128:
-            acc = _w8a8_step(acc, kb, a_ptrs, w_ptrs, as_ptrs, s_ptrs, mmask, nmask, INTERPRET)
-            kb += 1
-    else:
-        for kb in range(0, K // 128):
-            acc = _w8a8_step(acc, kb, a_ptrs, w_ptrs, as_ptrs, s_ptrs, mmask, nmask, INTERPRET)
+    for kb in range(0, K // 128):
+        acc = _w8a8_step(acc, kb, a_ptrs, w_ptrs, as_ptrs, s_ptrs, mmask, nmask)
     tl.store(
         y_ptr + offs_m[:, None] * stride_y + offs_n[None, :],
         acc.to(y_ptr.dtype.element_ty),
@@ -519,8 +500,11 @@ def _dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, stride_w, stride_s, BR: tl.conste
         w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :], mask=nmask[:, None], other=0.0
     )
     s = tl.load(s_ptr + ((tl.program_id(0) * BR) // 128) * stride_s + kb)
-    tl.store(o_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], (w.to(tl.float32) * s).to(o_ptr.dtype.element_ty),
-             mask=nmask[:, None])  # fmt: skip
+    tl.store(
+        o_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
+        (w.to(tl.float32) * s).to(o_ptr.dtype.element_ty),
+        mask=nmask[:, None],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,8 +517,7 @@ class Fp8Config:
 
     gemv: bm (tokens per program, power of 2), bn (rows, divides 128), bk (columns per step,
     multiple of 128), split. dot and f16: bm (tokens, >= 16), bn (rows), kb (128-blocks per
-    step), split. w8a8: bm, bn (tile),
-    group_m. dequant: none of the tile fields matter.
+    step), split. w8a8: bm, bn (tile), group_m. dequant: none of the tile fields matter.
     """
 
     kind: str
@@ -548,17 +531,14 @@ class Fp8Config:
     group_m: int = 8
     xpre: bool = False  # f16: convert x in a separate pass (else each program converts its tile)
     chunk: bool = False  # gemv M = 1: 128-column chunks into a [BN, 128] accumulator (_gemv_step1)
-    lastred: bool = False  # gemv/f16 split-K: last split sums the partials (else a reduce launch)
 
     def tag(self) -> str:
         if self.kind == "gemv":
             t = f"gemv bm{self.bm} bn{self.bn} bk{self.bk} s{self.split} w{self.warps} st{self.stages}"
-            return t + (" ch" if self.chunk else "") + (" lr" if self.lastred and self.split > 1 else "")
-        if self.kind == "dot":
-            return f"dot bm{self.bm} bn{self.bn} kb{self.kb} s{self.split} w{self.warps} st{self.stages}"
-        if self.kind == "f16":
-            t = f"f16 bm{self.bm} bn{self.bn} kb{self.kb} s{self.split} w{self.warps} st{self.stages}"
-            return t + (" xp" if self.xpre else "") + (" lr" if self.lastred and self.split > 1 else "")
+            return t + (" ch" if self.chunk else "")
+        if self.kind in ("dot", "f16"):
+            t = f"{self.kind} bm{self.bm} bn{self.bn} kb{self.kb} s{self.split} w{self.warps} st{self.stages}"
+            return t + (" xp" if self.xpre and self.kind == "f16" else "")
         if self.kind == "w8a8":
             return f"w8a8 bm{self.bm} bn{self.bn} w{self.warps} st{self.stages}"
         return self.kind
@@ -585,72 +565,6 @@ def auto_split(n_tiles: int, k_steps: int, num_sms: int, waves: float = 4.0) -> 
     return max(1, min(want, k_steps // 2, 16))
 
 
-def _launch_splitk(
-    kernel,
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    grid_n: int,
-    grid_m: int,
-    split: int,
-    tile_k: int,
-    **meta: object,
-) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    steps = triton.cdiv(k // tile_k, split)
-    kernel[(grid_n, split, grid_m)](
-        x, w, scale, y, part, m, n, k, steps, x.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-        SPLIT=split > 1, INTERPRET=interpret_mode(), **meta,
-    )  # fmt: skip
-    if split > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, y, m, n, y.stride(0), split, BLOCK=block, INTERPRET=interpret_mode()
-        )
-    return y
-
-
-def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    bm = _pow2_at_least(min(cfg.bm, m), 1)
-    bk = cfg.bk if k % cfg.bk == 0 else QBLOCK
-    assert QBLOCK % cfg.bn == 0, "gemv folds one scale row per program: bn must divide 128"
-    chunk = cfg.chunk and bm == 1
-    assert not chunk or bk // QBLOCK in (1, 2, 4, 8), "chunked gemv: bk must be 128, 256, 512 or 1024"
-    grid_n, grid_m = triton.cdiv(n, cfg.bn), triton.cdiv(m, bm)
-    split = cfg.split
-    mode = 0 if split == 1 else 2 if cfg.lastred and grid_n * grid_m <= MAX_TILES else 1
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    cnt = _tile_counters(x.device) if mode == 2 else part
-    steps = triton.cdiv(k // bk, split)
-    _fp8_gemv_kernel[(grid_n, split, grid_m)](
-        x, w, scale, y, part, cnt, m, n, k, steps, x.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-        BM=bm, BN=cfg.bn, BK=bk, SPLIT=mode, INTERPRET=interpret_mode(), NS=cfg.stages, CHUNK=chunk,
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )  # fmt: skip
-    if mode == 1:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
-            part, y, m, n, y.stride(0), split, BLOCK=1024, INTERPRET=interpret_mode()
-        )
-    return y
-
-
-def fp8_dot(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    bm = _pow2_at_least(min(cfg.bm, m), 16)  # tl.dot needs every dim >= 16
-    kb = cfg.kb if (k // QBLOCK) % cfg.kb == 0 else 1
-    return _launch_splitk(
-        _fp8_dot_kernel, x, w, scale, triton.cdiv(n, cfg.bn), triton.cdiv(m, bm), cfg.split, kb * QBLOCK,
-        BM=bm, BN=cfg.bn, KB=kb, num_warps=cfg.warps, num_stages=cfg.stages,
-    )  # fmt: skip
-
-
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MAX_TILES = 1 << 16  # split-K tiles one launch may fix up in place (lm_head never splits)
 
@@ -664,34 +578,109 @@ def _tile_counters(device: torch.device) -> torch.Tensor:
     return c
 
 
-def fp8_f16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    bm = _pow2_at_least(min(cfg.bm, m), 16)  # M = 1..15 pads to 16: the MMA has work to spare
-    kb = cfg.kb if (k // QBLOCK) % cfg.kb == 0 else 1
-    grid_n, grid_m = triton.cdiv(n, cfg.bn), triton.cdiv(m, bm)
-    if cfg.xpre:  # one pass converts x for all programs (at BM >= 32 each would redo [BM, K])
-        xq = torch.empty((m, k), dtype=torch.float16, device=x.device)
-        xs = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=x.device)
-        _x_f16_kernel[(triton.cdiv(m, 16), k // QBLOCK)](x, xq, xs, m, k, x.stride(0), BR=16, num_warps=4)
-        xin = xq
-    else:
-        xin, xs = x, x  # xs unused
+def _split_buffers(
+    x: torch.Tensor, n: int, split: int, tiles: int, fixup: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(y, partials, tile counters, SPLIT mode) for a split-K launch: mode 0 without split, 2 when
+    the kernel sums the partials itself (``fixup`` and the tiles fit the counters), else 1."""
+    m = x.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split = cfg.split
-    mode = 0 if split == 1 else 2 if cfg.lastred and grid_n * grid_m <= MAX_TILES else 1
+    mode = 0 if split == 1 else 2 if fixup and tiles <= MAX_TILES else 1
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     cnt = _tile_counters(x.device) if mode == 2 else part
-    steps = triton.cdiv(k // (kb * QBLOCK), split)
-    _fp8_f16_kernel[(grid_n, split, grid_m)](
-        xin, xs, w, scale, y, part, cnt, m, n, k, steps, xin.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-        BM=bm, BN=cfg.bn, KB=kb, SPLIT=mode, XPRE=cfg.xpre, INTERPRET=interpret_mode(), num_warps=cfg.warps,
-        num_stages=cfg.stages,
-    )  # fmt: skip
+    return y, part, cnt, mode
+
+
+def _reduce_splits(part: torch.Tensor, y: torch.Tensor, mode: int) -> None:
     if mode == 1:
+        m, n = y.shape
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
-            part, y, m, n, y.stride(0), split, BLOCK=1024, INTERPRET=interpret_mode()
+            part, y, m, n, y.stride(0), part.shape[0], BLOCK=1024
         )
+
+
+def fp8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    bm = _pow2_at_least(min(cfg.bm, m), 1)
+    bk = cfg.bk if k % cfg.bk == 0 else QBLOCK
+    assert QBLOCK % cfg.bn == 0, "gemv folds one scale row per program: bn must divide 128"
+    chunk = cfg.chunk and bm == 1
+    assert not chunk or bk // QBLOCK in (1, 2, 4, 8), "chunked gemv: bk must be 128, 256, 512 or 1024"
+    grid_n, grid_m = triton.cdiv(n, cfg.bn), triton.cdiv(m, bm)
+    y, part, cnt, mode = _split_buffers(x, n, cfg.split, grid_n * grid_m, fixup=True)
+    steps = triton.cdiv(k // bk, cfg.split)
+    _fp8_gemv_kernel[(grid_n, cfg.split, grid_m)](
+        x,
+        w,
+        scale,
+        y,
+        part,
+        cnt,
+        m,
+        n,
+        k,
+        steps,
+        x.stride(0),
+        w.stride(0),
+        scale.stride(0),
+        y.stride(0),
+        BM=bm,
+        BN=cfg.bn,
+        BK=bk,
+        SPLIT=mode,
+        NS=cfg.stages,
+        CHUNK=chunk,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
+    _reduce_splits(part, y, mode)
+    return y
+
+
+def fp8_swap_ab(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
+    """Kinds ``f16`` and ``dot`` (only f16 sums its split-K partials in the same launch)."""
+    m, k = x.shape
+    n = w.shape[0]
+    f16 = cfg.kind == "f16"
+    bm = _pow2_at_least(min(cfg.bm, m), 16)  # tl.dot needs every dim >= 16: M = 1..15 pads to 16
+    kb = cfg.kb if (k // QBLOCK) % cfg.kb == 0 else 1
+    grid_n, grid_m = triton.cdiv(n, cfg.bn), triton.cdiv(m, bm)
+    xpre = f16 and cfg.xpre
+    if xpre:  # one pass converts x for all programs (at BM >= 32 each would redo [BM, K])
+        xin = torch.empty((m, k), dtype=torch.float16, device=x.device)
+        xs = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=x.device)
+        _x_f16_kernel[(triton.cdiv(m, 16), k // QBLOCK)](x, xin, xs, m, k, x.stride(0), BR=16, num_warps=4)
+    else:
+        xin, xs = x, x  # xs unused
+    y, part, cnt, mode = _split_buffers(x, n, cfg.split, grid_n * grid_m, fixup=f16)
+    steps = triton.cdiv(k // (kb * QBLOCK), cfg.split)
+    _fp8_swap_kernel[(grid_n, cfg.split, grid_m)](
+        xin,
+        xs,
+        w,
+        scale,
+        y,
+        part,
+        cnt,
+        m,
+        n,
+        k,
+        steps,
+        xin.stride(0),
+        w.stride(0),
+        scale.stride(0),
+        y.stride(0),
+        BM=bm,
+        BN=cfg.bn,
+        KB=kb,
+        SPLIT=mode,
+        F16=f16,
+        XPRE=xpre,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
+    _reduce_splits(part, y, mode)
     return y
 
 
@@ -702,7 +691,7 @@ def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=x.device)
     br = 16
     _act_quant_kernel[(triton.cdiv(m, br), k // QBLOCK)](
-        x, q, s, m, k, x.stride(0), s.stride(0), BR=br, INTERPRET=interpret_mode(), num_warps=4
+        x, q, s, m, k, x.stride(0), s.stride(0), BR=br, num_warps=4
     )
     return q, s
 
@@ -721,10 +710,24 @@ def fp8_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Conf
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn),)
     _w8a8_kernel[grid](
-        xq, xs, w, scale, y, m, n, k, xs.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-        BM=cfg.bm, BN=cfg.bn, GROUP_M=cfg.group_m, INTERPRET=interpret_mode(), num_warps=cfg.warps,
+        xq,
+        xs,
+        w,
+        scale,
+        y,
+        m,
+        n,
+        k,
+        xs.stride(0),
+        w.stride(0),
+        scale.stride(0),
+        y.stride(0),
+        BM=cfg.bm,
+        BN=cfg.bn,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.warps,
         num_stages=cfg.stages,
-    )  # fmt: skip
+    )
     return y
 
 
@@ -769,7 +772,13 @@ def fp8_dequant_mm(
     return torch.mm(x, wd.T)
 
 
-_RUNNERS = {"gemv": fp8_gemv, "dot": fp8_dot, "f16": fp8_f16, "w8a8": fp8_w8a8, "dequant": fp8_dequant_mm}
+_RUNNERS = {
+    "gemv": fp8_gemv,
+    "dot": fp8_swap_ab,
+    "f16": fp8_swap_ab,
+    "w8a8": fp8_w8a8,
+    "dequant": fp8_dequant_mm,
+}
 
 
 def run_config(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
@@ -779,31 +788,25 @@ def run_config(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, cfg: Fp8Co
 # --------------------------------------------------------------------------------------------
 # Dispatch
 
-# Measured winners, keyed by (N, K, M bucket) -> config; filled from bench/gpu/fp8_sweep.py's
-# printout. Shapes not listed fall back to the reasoned defaults in ``default_config``.
-# Round 1 (H200, 2026-11-29, bench/gpu/fp8_sweep.py): fastest correct variant per shape and M
-# bucket among gemv / bf16 dot / w8a8 / dequant. Round 2 adds the f16 path and re-pastes.
-# Round 3 (guess, not yet measured): the split-K M = 1 rows keep their round-2 tile and split but
-# fix up in-kernel (lastred), as the f16 rows already do: the reduce launch it removes cost ~1.9 us
-# each in the B=1 decode profile, about as much as a whole kv_a GEMV.
+# Measured winners on the H200 (bench/gpu/fp8_sweep.py, 2026-11-29), keyed by (N, K, M bucket);
+# "from M=x" marks a bucket that copies the nearest measured one. Shapes not listed fall back to
+# the reasoned defaults in ``default_config``. How each entry won: docs/gpu-notes.md.
 DISPATCH: dict[tuple[int, int, int], Fp8Config] = {
-    (576, 4096, 1): Fp8Config("gemv", bn=16, bk=1024, split=4, stages=1, lastred=True),  # round 4
-    (1536, 4096, 1): Fp8Config(
-        "gemv", bn=16, split=4, warps=8, stages=1, chunk=True, lastred=True
-    ),  # round 4
-    (4096, 4096, 1): Fp8Config("gemv", split=2, warps=8, stages=1, lastred=True),  # round 4
-    (4096, 4096, 2): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4, lastred=True),
-    (4096, 4096, 4): Fp8Config("f16", bm=16, bn=64, kb=2, split=4, stages=4, lastred=True),  # from M=8
-    (4096, 4096, 8): Fp8Config("f16", bm=16, bn=64, kb=2, split=4, stages=4, lastred=True),
+    (576, 4096, 1): Fp8Config("gemv", bn=16, bk=1024, split=4, stages=1),
+    (1536, 4096, 1): Fp8Config("gemv", bn=16, split=4, warps=8, stages=1, chunk=True),
+    (4096, 4096, 1): Fp8Config("gemv", split=2, warps=8, stages=1),
+    (4096, 4096, 2): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4),
+    (4096, 4096, 4): Fp8Config("f16", bm=16, bn=64, kb=2, split=4, stages=4),  # from M=8
+    (4096, 4096, 8): Fp8Config("f16", bm=16, bn=64, kb=2, split=4, stages=4),
     (4096, 4096, 16): Fp8Config("dot", bm=32, bn=64, kb=2, split=4),  # from M=32
     (4096, 4096, 32): Fp8Config("dot", bm=32, bn=64, kb=2, split=4),
     (4096, 4096, 64): Fp8Config("dot", bm=128, bn=64, split=4),  # from M=128
     (4096, 4096, 128): Fp8Config("dot", bm=128, bn=64, split=4),
-    (4096, 8192, 1): Fp8Config("gemv", split=2, warps=8, chunk=True, lastred=True),  # round 4
-    (4096, 9216, 1): Fp8Config("gemv", split=2, warps=8, chunk=True, lastred=True),  # round 4
-    (4096, 9216, 2): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4, lastred=True),
-    (4096, 9216, 4): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4, lastred=True),  # from M=8
-    (4096, 9216, 8): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4, lastred=True),
+    (4096, 8192, 1): Fp8Config("gemv", split=2, warps=8, chunk=True),
+    (4096, 9216, 1): Fp8Config("gemv", split=2, warps=8, chunk=True),
+    (4096, 9216, 2): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4),
+    (4096, 9216, 4): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4),  # from M=8
+    (4096, 9216, 8): Fp8Config("f16", bm=16, bn=128, split=8, warps=8, stages=4),
     (4096, 9216, 16): Fp8Config("dot", bm=32, bn=64, kb=2, split=4),  # from M=32
     (4096, 9216, 32): Fp8Config("dot", bm=32, bn=64, kb=2, split=4),
     (4096, 9216, 64): Fp8Config("dot", bm=128, bn=64, split=4),  # from M=128
@@ -811,11 +814,11 @@ DISPATCH: dict[tuple[int, int, int], Fp8Config] = {
     (4096, 9216, 256): Fp8Config("dequant"),  # from M=8192
     (4096, 9216, 1024): Fp8Config("dequant"),  # from M=8192
     (4096, 9216, 8192): Fp8Config("dequant"),
-    (6144, 1536, 1): Fp8Config("gemv", warps=8, stages=1),  # round 4
-    (12288, 4096, 1): Fp8Config("gemv", warps=8, stages=1, chunk=True),  # round 4
+    (6144, 1536, 1): Fp8Config("gemv", warps=8, stages=1),
+    (12288, 4096, 1): Fp8Config("gemv", warps=8, stages=1, chunk=True),
     (12288, 4096, 2): Fp8Config("gemv", bm=2, bk=128, stages=4),
-    (12288, 4096, 4): Fp8Config("f16", bm=16, bn=64, kb=2, stages=4, lastred=True),  # from M=8
-    (12288, 4096, 8): Fp8Config("f16", bm=16, bn=64, kb=2, stages=4, lastred=True),
+    (12288, 4096, 4): Fp8Config("f16", bm=16, bn=64, kb=2, stages=4),  # from M=8
+    (12288, 4096, 8): Fp8Config("f16", bm=16, bn=64, kb=2, stages=4),
     (12288, 4096, 16): Fp8Config("dot", bm=32, bn=64, split=2, stages=4),  # from M=32
     (12288, 4096, 32): Fp8Config("dot", bm=32, bn=64, split=2, stages=4),
     (12288, 4096, 64): Fp8Config("w8a8", bm=64, bn=128, stages=4),  # from M=128
@@ -823,23 +826,23 @@ DISPATCH: dict[tuple[int, int, int], Fp8Config] = {
     (12288, 4096, 256): Fp8Config("dequant"),  # from M=8192
     (12288, 4096, 1024): Fp8Config("dequant"),  # from M=8192
     (12288, 4096, 8192): Fp8Config("dequant"),
-    (18432, 4096, 1): Fp8Config("gemv", bn=16, warps=8, stages=1, chunk=True),  # round 4
-    (18432, 4096, 2): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4, lastred=True),
-    (18432, 4096, 4): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4, lastred=True),  # from M=8
-    (18432, 4096, 8): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4, lastred=True),
-    (18432, 4096, 16): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True, lastred=True),  # from M=32
-    (18432, 4096, 32): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True, lastred=True),
+    (18432, 4096, 1): Fp8Config("gemv", bn=16, warps=8, stages=1, chunk=True),
+    (18432, 4096, 2): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4),
+    (18432, 4096, 4): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4),  # from M=8
+    (18432, 4096, 8): Fp8Config("f16", bm=16, bn=128, split=2, warps=8, stages=4),
+    (18432, 4096, 16): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True),  # from M=32
+    (18432, 4096, 32): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True),
     (18432, 4096, 64): Fp8Config("w8a8", bm=64, bn=128, stages=4),  # from M=128
     (18432, 4096, 128): Fp8Config("w8a8", bm=64, bn=128, stages=4),
     (18432, 4096, 256): Fp8Config("dequant"),  # from M=8192
     (18432, 4096, 1024): Fp8Config("dequant"),  # from M=8192
     (18432, 4096, 8192): Fp8Config("dequant"),
-    (157184, 4096, 1): Fp8Config("gemv", warps=8, chunk=True),  # round 4
-    (157184, 4096, 2): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4, lastred=True),
-    (157184, 4096, 4): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4, lastred=True),  # from M=8
-    (157184, 4096, 8): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4, lastred=True),
-    (157184, 4096, 16): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True, lastred=True),  # from M=32
-    (157184, 4096, 32): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True, lastred=True),
+    (157184, 4096, 1): Fp8Config("gemv", warps=8, chunk=True),
+    (157184, 4096, 2): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4),
+    (157184, 4096, 4): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4),  # from M=8
+    (157184, 4096, 8): Fp8Config("f16", bm=16, bn=128, warps=8, stages=4),
+    (157184, 4096, 16): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True),  # from M=32
+    (157184, 4096, 32): Fp8Config("f16", bm=32, bn=64, kb=2, xpre=True),
     (157184, 4096, 64): Fp8Config("w8a8", bm=64, bn=128, stages=4),  # from M=128
     (157184, 4096, 128): Fp8Config("w8a8", bm=64, bn=128, stages=4),
 }
@@ -855,43 +858,30 @@ def m_bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def fit_gemv_tile(bm: int, bn: int, bk: int, k: int, warps: int, max_regs: int = 64) -> tuple[int, int]:
-    """Shrink (bn, bk) so the gemv accumulator (bm*bn*bk fp32 over 32*warps threads) stays at
-    <= max_regs registers per thread, and bk divides K. Why 64: the widened fp32 tile and the
-    pipelined fp8 stages need room too; at 255 registers the compiler spills to local memory."""
-    while bk > QBLOCK and bm * bn * bk > max_regs * 32 * warps:
-        bk //= 2
-    while bn > 8 and bm * bn * bk > max_regs * 32 * warps:
-        bn //= 2
-    if k % bk:
-        bk = QBLOCK
-    return bn, bk
-
-
 def default_config(m: int, n: int, k: int, num_sms: int = NUM_SMS_DEFAULT) -> Fp8Config:
     """Defaults for shapes DISPATCH does not list.
 
-    M = 1: the round-1 winner on every shape (H200): gemv, 32 rows x 512 columns, 8 warps, loads
-    in registers (no cp.async), split-K to ~2 programs per SM (reproduces each measured split),
-    fixed up by the last split in the same launch (no reduce launch).
-    M 2..128: the fp16 tensor-core path (prediction, round 2 measures it: one convert per two
-    weights instead of three per two on the bf16 path, SASS-counted), 64 weight rows, split-K to
-    ~2 programs per SM with the in-kernel fix-up; x converted in a separate pass from BM = 64 on
-    (each program would otherwise convert its [BM, K] x: at BM = 128 twice as many converts as
-    its 64-row weight tile needs).
-    M > 128: dequantise to a bf16 scratch + cuBLAS: fastest on every prefill row of round 1
+    M = 1: the first sweep's winner on every shape (H200): gemv, 32 rows x 512 columns, 8 warps,
+    loads in registers (no cp.async), split-K to ~2 programs per SM (reproduces each measured
+    split), fixed up by the last split in the same launch (no reduce launch).
+    M 2..128: the fp16 tensor-core path (one convert per two weights instead of three per two on
+    the bf16 path, SASS-counted), 64 weight rows, split-K to ~2 programs per SM; x converted in a
+    separate pass from BM = 64 on (each program would otherwise convert its [BM, K] x: at
+    BM = 128 twice as many converts as its 64-row weight tile needs).
+    M > 128: dequantise to a bf16 scratch + cuBLAS: fastest on every prefill row measured
     (M = 1024 and 8192, all shapes), ahead of w8a8 and torch._scaled_mm.
     """
     if m == 1:
         bn, bk = 32, (512 if k % 512 == 0 else QBLOCK)
         split = auto_split(triton.cdiv(n, bn), k // bk, num_sms, waves=2.0)
-        return Fp8Config("gemv", bm=1, bn=bn, bk=bk, split=split, warps=8, stages=1, lastred=split > 1)
+        return Fp8Config("gemv", bm=1, bn=bn, bk=bk, split=split, warps=8, stages=1)
     if m <= 128:
         bm = _pow2_at_least(m, 16)
         kb = 2 if (k // QBLOCK) % 2 == 0 and bm <= 32 else 1
         split = auto_split(triton.cdiv(n, 64) * triton.cdiv(m, bm), k // (kb * QBLOCK), num_sms, waves=2.0)
-        return Fp8Config("f16", bm=bm, bn=64, kb=kb, split=split, warps=4, stages=4 if bm == 16 else 3,
-                         xpre=bm >= 64, lastred=True)  # fmt: skip
+        return Fp8Config(
+            "f16", bm=bm, bn=64, kb=kb, split=split, warps=4, stages=4 if bm == 16 else 3, xpre=bm >= 64
+        )
     return Fp8Config("dequant")
 
 
@@ -900,28 +890,14 @@ def pick_config(m: int, n: int, k: int, num_sms: int = NUM_SMS_DEFAULT) -> Fp8Co
 
 
 def fp8_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    config: Fp8Config | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *, config: Fp8Config | None = None
 ) -> torch.Tensor:
     """x [M, K] bf16, w [N, K] fp8 e4m3, scale [ceil(N/128), K/128] fp32 -> y [M, N] bf16.
 
     ``config`` overrides the dispatch (benchmarks and tests); otherwise ``pick_config``.
-    ``block_m/block_n/num_warps/num_stages`` are the old tile knobs (bench/gpu/kernels.py still
-    passes them): they select the tensor-core path with that tile and no split-K.
     """
     m, k = x.shape
     n = w.shape[0]
     assert k % QBLOCK == 0 and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
     assert scale.shape == (triton.cdiv(n, QBLOCK), k // QBLOCK), "scale must be [ceil(N/128), K/128]"
-    if config is None and any(v is not None for v in (block_m, block_n, num_warps, num_stages)):
-        config = Fp8Config("dot", bm=block_m or 16, bn=max(block_n or 64, 16), warps=num_warps or 4,
-                           stages=num_stages or 3)  # fmt: skip
-    cfg = config or pick_config(m, n, k, _num_sms(x.device))
-    return run_config(x, w, scale, cfg)
+    return run_config(x, w, scale, config or pick_config(m, n, k, _num_sms(x.device)))

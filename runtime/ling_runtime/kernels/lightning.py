@@ -1,14 +1,17 @@
 """Lightning (constant-decay linear) attention: decode, spec-verify and chunked prefill.
 
-Math (reference/model.md §2): per head h with decay lambda_h = exp(-slope_h) and a fp32 state
-S in R^{D x D} (rows indexed by the key dim, columns by the value dim),
+Math (reference/model.md §2): per head h with decay lambda_h = exp(-slope_h) (``slopes.py``) and
+a fp32 state S in R^{D x D} (rows indexed by the key dim, columns by the value dim),
 
     S_t = lambda_h * S_{t-1} + k_t^T v_t          o_t = (scale * q_t) S_t
 
 States live in a slot pool ``state[num_slots, H, D, D]`` (fp32) indexed by per-sequence slot ids;
 decode updates a slot in place so each step moves the state once in and once out of HBM.
 Each Triton kernel has a plain-torch reference beside it (``*_ref``) computing the same function
-in fp32 token by token; tests compare the two.
+in fp32 token by token; tests compare the two. Prefill is ``lightning_chunk``'s two-launch
+``lightning_prefill_chunked`` (its reference, ``lightning_prefill_ref``, is here); the fused
+one-program-per-sequence prefill that walked every chunk serially lost to it at every length
+(docs/gpu-notes.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ling_runtime.kernels._common import interpret_mode, mma
+from ling_runtime.kernels.slopes import lightning_slopes
+
+__all__ = [
+    "lightning_commit",
+    "lightning_commit_ref",
+    "lightning_decode",
+    "lightning_decode_ref",
+    "lightning_prefill_ref",
+    "lightning_slopes",
+    "lightning_verify",
+    "lightning_verify_ref",
+]
 
 # ---------------------------------------------------------------------------------------------
 # References (plain torch, fp32, token-by-token recurrence)
@@ -317,204 +331,3 @@ def lightning_commit(
     _commit_kernel[grid](
         state, inter, slot_ids, num_accepted, state.stride(0), inter.stride(0), inter.stride(1), BLOCK=block
     )
-
-
-@triton.jit
-def _prefill_chunk(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    s,
-    c0,
-    start,
-    length,
-    h,
-    scale,
-    slope,
-    stride_t,
-    stride_h,
-    offs_c,
-    offs_k,
-    offs_v,
-    pos,
-    q_decay,
-    intra,
-    C: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    rows = c0 + offs_c
-    rmask = rows < length
-    tok = (start + rows).to(tl.int64) * stride_t + h * stride_h
-    q = tl.load(q_ptr + tok[:, None] + offs_k[None, :], mask=rmask[:, None], other=0.0)
-    k = tl.load(k_ptr + tok[:, None] + offs_k[None, :], mask=rmask[:, None], other=0.0)
-    v = tl.load(v_ptr + tok[:, None] + offs_v[None, :], mask=rmask[:, None], other=0.0)
-    qs = (q.to(tl.float32) * scale).to(q.dtype)
-    a = mma(qs, tl.trans(k), INTERPRET) * intra
-    o = mma(a.to(v.dtype), v, INTERPRET)
-    o += tl.dot(qs.to(tl.float32), s) * q_decay[:, None]
-    tl.store(o_ptr + tok[:, None] + offs_v[None, :], o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
-    nc = tl.minimum(length - c0, C).to(tl.float32)
-    k_decay = tl.where(rmask, tl.exp(-slope * (nc - 1.0 - pos)), 0.0)
-    kd = k.to(tl.float32) * k_decay[:, None]
-    s = s * tl.exp(-slope * nc) + tl.dot(tl.trans(kd), v.to(tl.float32))
-    return s
-
-
-@triton.jit
-def _prefill_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    o_ptr,
-    state_ptr,
-    slot_ptr,
-    cu_ptr,
-    init_ptr,
-    slope_ptr,
-    scale,
-    stride_t,
-    stride_h,
-    stride_ss,
-    stride_sh,
-    D: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    vb = tl.program_id(2)
-    start = tl.load(cu_ptr + n)
-    length = tl.load(cu_ptr + n + 1) - start
-    slot = tl.load(slot_ptr + n).to(tl.int64)
-    slope = tl.load(slope_ptr + h).to(tl.float32)
-    offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, D)
-    offs_v = vb * BV + tl.arange(0, BV)
-    s_ptrs = state_ptr + slot * stride_ss + h * stride_sh + offs_k[:, None] * D + offs_v[None, :]
-    has_init = tl.load(init_ptr + n) != 0
-    s = tl.load(s_ptrs, mask=(offs_k[:, None] >= 0) & has_init, other=0.0)
-
-    pos = offs_c.to(tl.float32)
-    q_decay = tl.exp(-slope * (pos + 1.0))  # lambda^(i+1): carried state seen from row i
-    diff = pos[:, None] - pos[None, :]
-    intra = tl.where(diff >= 0, tl.exp(-slope * tl.maximum(diff, 0.0)), 0.0)  # lambda^(i-j), causal
-    if INTERPRET:
-        # The interpreter cannot range() over a loaded bound; the compiled path keeps the for loop
-        # so Triton can pipeline the chunk loads.
-        c0 = 0
-        while c0 < length:
-            s = _prefill_chunk(
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                o_ptr,
-                s,
-                c0,
-                start,
-                length,
-                h,
-                scale,
-                slope,
-                stride_t,
-                stride_h,
-                offs_c,
-                offs_k,
-                offs_v,
-                pos,
-                q_decay,
-                intra,
-                C,
-                INTERPRET,
-            )
-            c0 += C
-    else:
-        for c0 in range(0, length, C):
-            s = _prefill_chunk(
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                o_ptr,
-                s,
-                c0,
-                start,
-                length,
-                h,
-                scale,
-                slope,
-                stride_t,
-                stride_h,
-                offs_c,
-                offs_k,
-                offs_v,
-                pos,
-                q_decay,
-                intra,
-                C,
-                INTERPRET,
-            )
-    tl.store(s_ptrs, s)
-
-
-def lightning_prefill(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    slot_ids: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial: torch.Tensor,
-    slope: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None = None,
-    block_v: int = 32,
-    chunk: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> torch.Tensor:
-    """Chunked prefill over packed sequences; q/k/v [T_total, H, D]; final states go to the slots.
-
-    One program per (sequence, head, value block) walks its chunks in order, keeping the state
-    block in registers: intra-chunk (QK^T * decay mask) V, plus the carried state seen through
-    lambda^(i+1), then S <- lambda^C S + (lambda^(C-1-j) K)^T V.
-    """
-    _, heads, dim = q.shape
-    assert k.stride() == q.stride() and v.stride() == q.stride() and q.stride(2) == 1
-    assert dim % block_v == 0  # else an empty grid would silently compute nothing
-    if out is None:
-        out = torch.empty_like(q)
-    assert out.stride() == q.stride()
-    grid = (slot_ids.shape[0], heads, dim // block_v)
-    _prefill_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        state,
-        slot_ids,
-        cu_seqlens,
-        has_initial,
-        slope,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        state.stride(0),
-        state.stride(1),
-        D=dim,
-        BV=block_v,
-        C=chunk,
-        INTERPRET=interpret_mode(),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
-
-
-def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    """Per-head decay rates: the model's convention (``ling_runtime.model.lightning.lightning_slopes``),
-    re-exported so kernels and model cannot drift: ALiBi interleaving for non-power-of-two head
-    counts and no division by zero for a single layer."""
-    from ling_runtime.model.lightning import lightning_slopes as model_slopes
-
-    return model_slopes(num_heads, layer_idx, num_layers)

@@ -18,13 +18,26 @@ blocks with the causal mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ling_runtime.kernels._common import interpret_mode, mma
+from ling_runtime.kernels._common import mma
 
 _LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class MlaPrefillConfig:
+    """Tiles of ``mla_prefill``: query rows x key rows per block (all wgmma, no spills at 8 warps on
+    sm_90; 0.60 of the bf16 peak at T = 8192 on the H200, bench/gpu/mla_sweep.py)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
 
 
 def mla_prefill_ref(
@@ -53,29 +66,17 @@ def mla_prefill_ref(
 
 @triton.jit
 def _prefill_block(
-    qa,
-    qb,
-    k_ptr,
-    kp_ptr,
-    v_ptr,
-    j0,
-    offs_i,
-    len_k,
-    off,
-    m_i,
-    l_i,
-    acc,
-    qk_scale,
-    stride_kt,
-    stride_kpt,
-    stride_vt,
-    offs_n,
-    offs_a,
-    offs_b,
-    offs_v,
-    MASK: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    q, rows, strides, offs_n, cols, j0, offs_i, len_k, off, state, qk_scale, MASK: tl.constexpr
 ):
+    """One key block [j0, j0 + BN) of the online softmax (exp2; qk_scale holds log2 e) for the
+    query rows ``offs_i``: q = (q_nope, q_pe), rows/strides/cols = the (k_nope, k_pe, v) bases,
+    token strides and column offsets, state = (m, l, acc). MASK: the causal diagonal and the
+    sequence end (a block every row sees entirely needs neither)."""
+    qa, qb = q
+    k_ptr, kp_ptr, v_ptr = rows
+    stride_kt, stride_kpt, stride_vt = strides
+    offs_a, offs_b, offs_v = cols
+    m_i, l_i, acc = state
     offs_j = j0 + offs_n
     if MASK:
         kmask = (offs_j < len_k)[:, None]
@@ -86,7 +87,7 @@ def _prefill_block(
         ka = tl.load(k_ptr + offs_j[:, None] * stride_kt + offs_a[None, :])
         kb = tl.load(kp_ptr + offs_j[:, None] * stride_kpt + offs_b[None, :])
         vv = tl.load(v_ptr + offs_j[:, None] * stride_vt + offs_v[None, :])
-    s = (mma(qa, tl.trans(ka), INTERPRET) + mma(qb, tl.trans(kb), INTERPRET)) * qk_scale
+    s = (mma(qa, tl.trans(ka)) + mma(qb, tl.trans(kb))) * qk_scale
     if MASK:
         ok = (offs_j[None, :] <= offs_i[:, None] + off) & (offs_j[None, :] < len_k)
         s = tl.where(ok, s, float("-inf"))
@@ -99,7 +100,7 @@ def _prefill_block(
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + mma(p.to(vv.dtype), vv, INTERPRET)
+    acc = acc * alpha[:, None] + mma(p.to(vv.dtype), vv)
     return m_new, l_i, acc
 
 
@@ -131,7 +132,6 @@ def _mla_prefill_kernel(
     DV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -158,37 +158,27 @@ def _mla_prefill_kernel(
         kbase = k_ptr + k0.to(tl.int64) * stride_kt + h * stride_kh
         kpbase = kp_ptr + k0.to(tl.int64) * stride_kpt + h * stride_kph
         vbase = v_ptr + k0.to(tl.int64) * stride_vt + h * stride_vh
-        m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BM,), dtype=tl.float32)
-        acc = tl.zeros((BM, DV), dtype=tl.float32)
+        state = (
+            tl.full((BM,), float("-inf"), dtype=tl.float32),
+            tl.zeros((BM,), dtype=tl.float32),
+            tl.zeros((BM, DV), dtype=tl.float32),
+        )
+        keys = (
+            (qa, qb),
+            (kbase, kpbase, vbase),
+            (stride_kt, stride_kpt, stride_vt),
+            offs_n,
+            (offs_a, offs_b, offs_v),
+        )
         # Keys every row of the block sees (j <= first row + off) in whole blocks: no mask.
         full_end = (tl.minimum(mblk * BM + off + 1, len_k) // BN) * BN
         hi = tl.minimum(mblk * BM + BM + off, len_k)
-        if INTERPRET:
-            j0 = 0
-            while j0 < full_end:
-                m_i, l_i, acc = _prefill_block(
-                    qa, qb, kbase, kpbase, vbase, j0, offs_i, len_k, off, m_i, l_i, acc, qk_scale,
-                    stride_kt, stride_kpt, stride_vt, offs_n, offs_a, offs_b, offs_v, False, INTERPRET,
-                )  # fmt: skip
-                j0 += BN
-            while j0 < hi:
-                m_i, l_i, acc = _prefill_block(
-                    qa, qb, kbase, kpbase, vbase, j0, offs_i, len_k, off, m_i, l_i, acc, qk_scale,
-                    stride_kt, stride_kpt, stride_vt, offs_n, offs_a, offs_b, offs_v, True, INTERPRET,
-                )  # fmt: skip
-                j0 += BN
-        else:
-            for j0 in range(0, full_end, BN):
-                m_i, l_i, acc = _prefill_block(
-                    qa, qb, kbase, kpbase, vbase, j0, offs_i, len_k, off, m_i, l_i, acc, qk_scale,
-                    stride_kt, stride_kpt, stride_vt, offs_n, offs_a, offs_b, offs_v, False, INTERPRET,
-                )  # fmt: skip
-            for j0 in range(full_end, hi, BN):
-                m_i, l_i, acc = _prefill_block(
-                    qa, qb, kbase, kpbase, vbase, j0, offs_i, len_k, off, m_i, l_i, acc, qk_scale,
-                    stride_kt, stride_kpt, stride_vt, offs_n, offs_a, offs_b, offs_v, True, INTERPRET,
-                )  # fmt: skip
+        for j0 in range(0, full_end, BN):
+            state = _prefill_block(*keys, j0, offs_i, len_k, off, state, qk_scale, False)
+        # The diagonal blocks: each row sees keys up to its own position.
+        for j0 in range(full_end, hi, BN):
+            state = _prefill_block(*keys, j0, offs_i, len_k, off, state, qk_scale, True)
+        _, l_i, acc = state
         o = acc / tl.maximum(l_i, 1e-30)[:, None]
         dst = o_ptr + qrow[:, None] * stride_ot + h * stride_oh + offs_v[None, :]
         tl.store(dst, o.to(o_ptr.dtype.element_ty), mask=qmask)
@@ -206,11 +196,7 @@ def mla_prefill(
     k_pe: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     rope_dim: int = 64,
-    block_m: int = 128,
-    block_n: int = 64,
-    num_warps: int = 8,
-    num_stages: int = 3,
-    out: torch.Tensor | None = None,
+    config: MlaPrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal varlen attention -> o [Tq, H, Dv].
 
@@ -220,6 +206,7 @@ def mla_prefill(
     [Tk, H, Dv] may be strided too (only the last dim must be contiguous). cu_seqlens_* int32
     [N+1]; max_seqlen_q (a host int) avoids reading cu_seqlens_q back from the device.
     """
+    cfg = config or MlaPrefillConfig()
     if q_pe is None:
         q, q_pe = q[..., :-rope_dim], q[..., -rope_dim:]
     if k_pe is None:
@@ -233,11 +220,10 @@ def mla_prefill(
     nseq = cu_seqlens_q.numel() - 1
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if nseq > 0 else 0
-    if out is None:
-        out = torch.empty((tq, heads, dv), dtype=q.dtype, device=q.device)
+    out = torch.empty((tq, heads, dv), dtype=q.dtype, device=q.device)
     if nseq == 0 or max_seqlen_q == 0:
         return out
-    grid = (triton.cdiv(max_seqlen_q, block_m), heads, nseq)
+    grid = (triton.cdiv(max_seqlen_q, cfg.block_m), heads, nseq)
     _mla_prefill_kernel[grid](
         q,
         q_pe,
@@ -263,10 +249,9 @@ def mla_prefill(
         DA=da,
         DB=db,
         DV=dv,
-        BM=block_m,
-        BN=block_n,
-        INTERPRET=interpret_mode(),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out

@@ -25,18 +25,25 @@ def add_rmsnorm_ref(
 
 
 @triton.jit
+def _store_residual_and_norm(r, r_ptr, w_ptr, y_ptr, row, offs, stride_r, stride_y, eps, N: tl.constexpr):
+    """Store the new residual row r (residual dtype) and y = rmsnorm(r) * w (fp32 math)."""
+    tl.store(r_ptr + row * stride_r + offs, r)
+    rf = r.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / N + eps)
+    y = rf * inv * tl.load(w_ptr + offs).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, eps, stride_x, stride_r, stride_y, N: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, N)
     r = tl.load(x_ptr + row * stride_x + offs).to(tl.float32) + tl.load(r_ptr + row * stride_r + offs).to(
         tl.float32
     )
-    r = r.to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + row * stride_r + offs, r)
-    rf = r.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / N + eps)
-    y = rf * inv * tl.load(w_ptr + offs).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty))
+    _store_residual_and_norm(
+        r.to(r_ptr.dtype.element_ty), r_ptr, w_ptr, y_ptr, row, offs, stride_r, stride_y, eps, N
+    )
 
 
 def add_rmsnorm(
@@ -68,8 +75,18 @@ def add_rmsnorm_partials_ref(
 
 @triton.jit
 def _add_rmsnorm_partials_kernel(
-    p_ptr, r_ptr, w_ptr, y_ptr, eps, stride_pb, stride_ps, stride_r, stride_y, S: tl.constexpr, N: tl.constexpr
-):  # fmt: skip
+    p_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    eps,
+    stride_pb,
+    stride_ps,
+    stride_r,
+    stride_y,
+    S: tl.constexpr,
+    N: tl.constexpr,
+):
     row = tl.program_id(0)
     offs = tl.arange(0, N)
     src = p_ptr + row.to(tl.int64) * stride_pb + offs
@@ -79,11 +96,7 @@ def _add_rmsnorm_partials_kernel(
         acc += tl.load(src + s * stride_ps)
     m = acc.to(r_ptr.dtype.element_ty).to(tl.float32)
     r = (m + tl.load(r_ptr + row * stride_r + offs).to(tl.float32)).to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + row * stride_r + offs, r)
-    rf = r.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / N + eps)
-    y = rf * inv * tl.load(w_ptr + offs).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty))
+    _store_residual_and_norm(r, r_ptr, w_ptr, y_ptr, row, offs, stride_r, stride_y, eps, N)
 
 
 def add_rmsnorm_partials(
@@ -102,9 +115,19 @@ def add_rmsnorm_partials(
     if out is None:
         out = torch.empty_like(residual)
     _add_rmsnorm_partials_kernel[(rows,)](
-        partials, residual, weight, out, eps, partials.stride(0), partials.stride(1), residual.stride(0),
-        out.stride(0), S=slots, N=n, num_warps=8,
-    )  # fmt: skip
+        partials,
+        residual,
+        weight,
+        out,
+        eps,
+        partials.stride(0),
+        partials.stride(1),
+        residual.stride(0),
+        out.stride(0),
+        S=slots,
+        N=n,
+        num_warps=8,
+    )
     return out, residual
 
 
@@ -208,9 +231,22 @@ def _norm_rope_row(src, w_ptr, dst, cs_row, cos_ptr, sin_ptr, eps, D: tl.constex
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, eps,
-    stride_in, stride_cs, stride_out, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-):  # fmt: skip
+    qkv_ptr,
+    wq_ptr,
+    wk_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    eps,
+    stride_in,
+    stride_cs,
+    stride_out,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+):
     row = tl.program_id(0)
     h = tl.program_id(1)
     which = tl.program_id(2)  # 0 = q, 1 = k, 2 = v
@@ -241,7 +277,21 @@ def qk_norm_rope(
     q = torch.empty((b, heads, dim), dtype=qkv.dtype, device=qkv.device)
     k, v = torch.empty_like(q), torch.empty_like(q)
     _qk_norm_rope_kernel[(b, heads, 3)](
-        qkv, wq, wk, cos, sin, q, k, v, eps, qkv.stride(0), cos.stride(0), heads * dim,
-        H=heads, D=dim, HALF=cos.shape[1], num_warps=1,
-    )  # fmt: skip
+        qkv,
+        wq,
+        wk,
+        cos,
+        sin,
+        q,
+        k,
+        v,
+        eps,
+        qkv.stride(0),
+        cos.stride(0),
+        heads * dim,
+        H=heads,
+        D=dim,
+        HALF=cos.shape[1],
+        num_warps=1,
+    )
     return q, k, v

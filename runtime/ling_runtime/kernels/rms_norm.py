@@ -32,7 +32,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows:
         _rms_norm_kernel[(rows,)](
-            x, weight, out, eps, x.stride(0), out.stride(0), N=n, BLOCK=triton.next_power_of_2(n),
+            x,
+            weight,
+            out,
+            eps,
+            x.stride(0),
+            out.stride(0),
+            N=n,
+            BLOCK=triton.next_power_of_2(n),
             num_warps=4 if n <= 1024 else 8,
-        )  # fmt: skip
+        )
     return out

@@ -74,8 +74,17 @@ def sample(
     out = torch.empty((rows,), dtype=torch.int32, device=logits.device)
     u = uniform if uniform is not None else logits
     _sample_stage1[(rows, splits)](
-        logits, temperature, u, vals, idxs, vocab, logits.stride(0), u.stride(0), SPLITS=splits, BLOCK=block,
+        logits,
+        temperature,
+        u,
+        vals,
+        idxs,
+        vocab,
+        logits.stride(0),
+        u.stride(0),
+        SPLITS=splits,
+        BLOCK=block,
         num_warps=8,
-    )  # fmt: skip
+    )
     _sample_stage2[(rows,)](vals, idxs, out, SPLITS=splits, SPAD=triton.next_power_of_2(splits), num_warps=4)
     return out
