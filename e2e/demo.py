@@ -2,7 +2,9 @@
 
 `python -m e2e.demo --kubeconfig K --namespace NS --name NAME [--timeout S]` prints progress while the
 group forms (the deployment's READY/REPLICAS and each pod's phase), then streams one chat completion
-from the rank-0 pod of a Ready group and prints it with the time to the first token.
+from the rank-0 pod of a Ready group and prints it with the time to the first token. The default
+question is the model card's ("What is the capital of France?"); the built-in model was trained to
+answer it, so a wrong answer (a broken shard, a wrong all-reduce) fails the demo (exit 1).
 
 Services on this local control plane have no endpoints (Kubernetes refuses loopback addresses in
 EndpointSlices, and there is no kube-proxy), so "the Service's rank-0 pod" is found the way the
@@ -18,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ling_runtime.builtin.data import CARD_ANSWER, CARD_QUESTION
 
 KUBECTL = Path.home() / ".cache" / "ling" / "bin" / "kubectl"
 
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--namespace", required=True)
     p.add_argument("--name", default="ling-tiny")
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--prompt", default="Say hello to the cluster.")
+    p.add_argument("--prompt", default=CARD_QUESTION)
     args = p.parse_args(argv)
 
     start = time.monotonic()
@@ -126,7 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     text, ttft, total = chat(ip, model, args.prompt)
     print(f"\nthe group formed in {formed:.0f}s; asked http://{ip}:30000/v1 (model {model}): {args.prompt!r}")
     print(f"answer ({ttft:.2f}s to the first token, {total:.2f}s in all): {text!r}")
-    print("(the built-in tiny model has random weights: the words are noise, the serving path is real)")
+    print(
+        "(the built-in model: a tiny Ling-2.6 - Lightning + MLA layers, MoE, MTP - trained on this machine"
+        " on capitals and arithmetic; see docs/model.md)"
+    )
+    if args.prompt == CARD_QUESTION and text != CARD_ANSWER:
+        print(
+            f"error: expected {CARD_ANSWER!r}: the served model does not compute what it was trained to",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

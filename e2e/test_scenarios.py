@@ -1,7 +1,9 @@
 """The whole product on one machine: kubectl apply -> Ray TP groups of executed pods -> answers.
 
 One LingDeployment (the tiny CPU example, pinned to this session's executor node) lives through the
-module's scenarios in order, as a user would drive it: (a) apply and stream an answer, (b) load
+module's scenarios in order, as a user would drive it: (a) apply and stream the right answer to the
+model card's question, then answer held-out questions of the built-in model's task across the two
+pods' TP 2 shards with MTP drafts mostly accepted, (b) load
 scales it up and, after the window, back down, (c) a killed rank restarts its whole group and only
 it, (d) MTP off and on rolls one group at a time with identical greedy answers, (e) the operator is
 killed mid-rollout and converges after a restart, (f) delete removes every pod, Service and process.
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ling_runtime.builtin.data import CARD_ANSWER, CARD_QUESTION, held_out_sample
 
 from e2e.conftest import ROOT, ExecutorHandle, OperatorRunner, tiny_manifest, wait_until
 from e2e.executor import procs
@@ -37,7 +40,9 @@ from e2e.executor import procs
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 
 NAME = "ling-tiny"
-PROMPT = "Name three colours."
+PROMPT = CARD_QUESTION
+# Questions of the built-in model's task that it never saw in training (one of each kind and more).
+HELD_OUT = held_out_sample(24)
 RESULTS: dict[str, float] = {}
 NOTES: dict[str, Any] = {}
 
@@ -103,12 +108,14 @@ class User:
         )
 
 
-def ask(ip: str, *, stream: bool = False, max_tokens: int = 24, timeout: float = 120) -> tuple[str, int]:
+def ask(
+    ip: str, *, stream: bool = False, max_tokens: int = 24, timeout: float = 120, prompt: str = PROMPT
+) -> tuple[str, int]:
     """A greedy chat completion through the openai client: (text, number of streamed chunks)."""
     import openai
 
     client = openai.OpenAI(base_url=f"http://{ip}:30000/v1", api_key="unused", timeout=timeout, max_retries=0)
-    messages = [{"role": "user", "content": PROMPT}]
+    messages = [{"role": "user", "content": prompt}]
     if not stream:
         out = client.chat.completions.create(
             model=NAME, messages=messages, max_tokens=max_tokens, temperature=0
@@ -159,6 +166,21 @@ def pod_processes(executor: ExecutorHandle, pod: dict[str, Any]) -> list[str]:
 
 # --- fixtures ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
+def builtin_model() -> None:
+    """Train (once per machine) and cache the built-in model before any pod starts, as `make run`
+    does: the pods inherit HOME only (e2e/executor PASS_ENV), so build where they will look."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LING_CACHE", "XDG_CACHE_HOME")}
+    subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-m", "ling_runtime.builtin", "build"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=1800,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
 def ns(kube) -> Iterator[str]:
     name = f"e2e-{secrets.token_hex(3)}"
     kube.kubectl("create", "namespace", name)
@@ -182,7 +204,7 @@ def op(kube, ns: str, executor: ExecutorHandle) -> Iterator[OperatorRunner]:
 
 
 @pytest.fixture(scope="module")
-def user(kube, ns: str, executor: ExecutorHandle, op: OperatorRunner) -> Iterator[User]:
+def user(kube, ns: str, executor: ExecutorHandle, op: OperatorRunner, builtin_model: None) -> Iterator[User]:
     yield User(kube, ns, executor)
     _write_results()
 
@@ -248,6 +270,7 @@ def test_a_apply_forms_a_ray_group_and_streams_an_answer(user: User, executor: E
     text, chunks = ask(ip, stream=True)
     RESULTS["apply_to_first_token"] = round(time.monotonic() - applied, 1)
     assert chunks >= 2 and text, "the openai client got no streamed tokens"
+    assert text == CARD_ANSWER, "the model card's question got a wrong answer through the TP 2 group"
 
     # Two pods -> one Ray cluster -> TP 2 shards.
     pods = user.group(0)
@@ -263,6 +286,20 @@ def test_a_apply_forms_a_ray_group_and_streams_an_answer(user: User, executor: E
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert status["readyReplicas"] == 1 and conds["Ready"] == "True" and conds["RendezvousReady"] == "True"
     NOTES["reference_answer_mtp_on"] = ask(ip)[0]
+
+    # Meaning across the two pods: questions the model never saw, answered through Ray and both TP
+    # shards with MTP on. A wrong shard or all-reduce still "answers", but not these.
+    drafted_before = engine_metric(ip, "ling_runtime_spec_draft_tokens_total")
+    accepted_before = engine_metric(ip, "ling_runtime_spec_accepted_tokens_total")
+    answers = [ask(ip, prompt=e.question)[0] for e in HELD_OUT]
+    wrong = [(e.question, a) for e, a in zip(HELD_OUT, answers, strict=True) if a != e.answer]
+    accuracy = 1 - len(wrong) / len(HELD_OUT)
+    NOTES["held_out_accuracy_tp2_mtp"] = round(accuracy, 3)
+    assert accuracy >= 0.9, wrong
+    drafted = engine_metric(ip, "ling_runtime_spec_draft_tokens_total") - drafted_before
+    accepted = engine_metric(ip, "ling_runtime_spec_accepted_tokens_total") - accepted_before
+    NOTES["mtp_acceptance_tp2"] = round(accepted / drafted, 3) if drafted else None
+    assert drafted > 0 and accepted / drafted >= 0.6, (accepted, drafted)
 
 
 def test_b_queue_depth_scales_up_then_back_down(user: User, op: OperatorRunner) -> None:

@@ -96,6 +96,13 @@ up() {
   done
   say "node $NODE (local execution) is Ready"
 
+  # The pods serve the built-in model, trained once per machine and cached (a few minutes the first
+  # time, nothing after). Built here, with its progress bar, so no pod trains it during its startup
+  # window; the pods inherit HOME only (e2e/executor PASS_ENV), so it goes where they look for it.
+  say "the built-in model: trained once per machine, then cached (python -m ling_runtime.builtin)"
+  (cd "$ROOT" && env -u LING_CACHE -u XDG_CACHE_HOME "$PY" -m ling_runtime.builtin build >/dev/null) ||
+    die "building the built-in model failed"
+
   start_bg operator "$PY" -m ling_operator --kubeconfig "$KC" --namespace "$NS" \
     --metrics-address 127.0.0.1 --metrics-port "$OPERATOR_METRICS_PORT" --health-port 0
   kc apply -n "$NS" -f "$MANIFEST"
@@ -114,7 +121,7 @@ Ling runs on this machine (control plane, executor, operator; pods are local pro
   kubectl describe lingd -n $NS ling-tiny     # conditions and events (scaling, restarts)
 Talk to it (any OpenAI client; rank 0 of a Ready group, here $ip):
   curl -s http://$ip:30000/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model":"ling-tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+    -d '{"model":"ling-tiny","messages":[{"role":"user","content":"What is 7 times 8?"}],"max_tokens":16}'
   curl -s http://$ip:30000/metrics | grep ling_runtime_num_queue_reqs
 Operator metrics: http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics   logs: $RUN/
 Stop everything (operator, executor and every pod process, the cluster): make down

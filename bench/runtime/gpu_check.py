@@ -34,15 +34,15 @@ def run_setting(model_dir: str, tokenizer, tp: int, steps: int, expected: list[l
     from ling_runtime.distributed.mp_launcher import launch_mp
     from ling_runtime.engine.engine import Engine
     from ling_runtime.engine.sampling import SamplingParams
-    from ling_runtime.engine.setup import RuntimeSpec
+    from ling_runtime.settings import Settings
 
-    from tests.runtime.engine_utils import generate_all, output_ids
+    from tests.runtime.engine_utils import generate_all, mtp, output_ids
 
-    spec = RuntimeSpec(
-        model_dir=model_dir, device="cuda", dtype="float32", num_slots=8, num_draft_steps=steps
-    )
-    executor, load_s = launch_mp(spec, tp, "127.0.0.1", _free_port(), 120)
-    engine = Engine(executor, tokenizer, spec.engine_config())
+    settings = Settings(
+        device="cuda", dtype="float32", max_mamba_cache_size=8, tp_size=tp, **mtp(steps)
+    ).resolve(model_dir)
+    executor, load_s = launch_mp(settings, tp, "127.0.0.1", _free_port(), 120)
+    engine = Engine(executor, tokenizer, settings)
     engine.start()
     try:
         greedy = [SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)] * len(PROMPTS)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ling_runtime.builtin import builtin_model_dir
     from ling_runtime.model import LingForCausalLM, greedy_generate
-    from ling_runtime.server.tokenizer import TokenizerBundle
+    from ling_runtime.text.tokenizer import TokenizerBundle
 
     model_dir = str(builtin_model_dir())
     tokenizer = TokenizerBundle.from_dir(model_dir)

@@ -14,17 +14,68 @@ stops the load with the key and both shapes named.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from ling_runtime.config import LingConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+# Ling-2.6-flash's config.json (docs: /work/shared/reference/model.md §1): what `--load-format dummy`
+# builds when no --model-path gives a config.
+LING_2_6_FLASH_CONFIG: dict = {
+    "architectures": ["BailingMoeV2_5ForCausalLM"],
+    "model_type": "bailing_hybrid",
+    "vocab_size": 157184,
+    "hidden_size": 4096,
+    "intermediate_size": 9216,
+    "moe_intermediate_size": 1024,
+    "moe_shared_expert_intermediate_size": None,
+    "num_hidden_layers": 32,
+    "layer_group_size": 8,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "head_dim": 128,
+    "group_norm_size": 4,
+    "partial_rotary_factor": 0.5,
+    "use_qk_norm": True,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "rope_interleave": True,
+    "rope_theta": 6_000_000.0,
+    "rope_scaling": None,
+    "max_position_embeddings": 131072,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "num_shared_experts": 1,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "score_function": "sigmoid",
+    "norm_topk_prob": True,
+    "moe_router_enable_expert_bias": True,
+    "first_k_dense_replace": 1,
+    "num_nextn_predict_layers": 1,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "use_qkv_bias": False,
+    "use_bias": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 156891,
+    "eos_token_id": [156892, 156895],
+    "pad_token_id": 156892,
+}
 
 
 class CheckpointError(ValueError):
@@ -312,8 +363,6 @@ def _load_fp8(
             scale[spiece.dst].copy_(reader.read(skey, spiece.src).float())
             elements += data.numel()
         return elements
-    from ling_runtime.model.linear import quantize_blocks
-
     # Quantize per leading index (one expert at a time for the stacked experts) to bound memory.
     groups: dict[int | None, list[tuple[Piece, str]]] = {}
     for piece, key in zip(pieces, keys, strict=True):
@@ -329,4 +378,63 @@ def _load_fp8(
         q, s = quantize_blocks(buf, block)
         (param[lead] if lead is not None else param).copy_(q)
         (scale[lead] if lead is not None else scale).copy_(s)
+    return elements
+
+
+@torch.no_grad()
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., N, K]`` -> (fp8 e4m3 ``[..., N, K]``, fp32 scales ``[..., ceil(N/bn), ceil(K/bk)]``)
+    with ``w ~= q * scale`` per block (amax / 448), on w's device; partial last blocks are padded."""
+    *lead, n, k = w.shape
+    br, bc = block
+    nr, nc = -(-n // br), -(-k // bc)
+    x = w.float()
+    if n % br or k % bc:
+        x = F.pad(x, (0, nc * bc - k, 0, nr * br - n))
+    x = x.reshape(*lead, nr, br, nc, bc)
+    scale = x.abs().amax(dim=(-3, -1)).clamp_min(1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    q = (x / scale[..., :, None, :, None]).to(torch.float8_e4m3fn).reshape(*lead, nr * br, nc * bc)
+    return q[..., :n, :k].contiguous(), scale
+
+
+@torch.no_grad()
+def fill_dummy(model: torch.nn.Module, seed: int = 0, tp_rank: int = 0) -> int:
+    """``--load-format dummy``: fill every parameter with random values drawn on its own device, no
+    checkpoint read. Norm weights 1, expert biases ~N(0, 0.01), matrices ~N(0, 1/fan_in); FP8 weights
+    are drawn a slab at a time in fp32, quantized block-wise with their scales on the device.
+    Replicated parameters get the same values on every TP rank (one stream per name), sharded ones a
+    stream per (name, rank). Returns the elements written."""
+    elements = 0
+    for name, param in model.named_parameters():
+        if hasattr(param, "ckpt_scale_of"):
+            continue  # an FP8 scale is filled together with its weight
+        pieces: list[Piece] = getattr(param, "ckpt_pieces", None) or []
+        replicated = all(tuple(sl.stop - sl.start for sl in p.src) == p.shape for p in pieces)
+        salt = zlib.crc32(name.encode()) + (0 if replicated else 7919 * (tp_rank + 1))
+        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + salt)
+        std = param.shape[-1] ** -0.5 if param.dim() > 1 else 0.0
+        elements += param.numel()
+        if param.dim() == 1:
+            if "bias" in name:
+                param.normal_(0.0, 0.01, generator=gen)
+            else:
+                param.fill_(1.0)
+        elif param.dtype == torch.float8_e4m3fn:
+            scale: torch.Tensor = param.ckpt_scale  # type: ignore[attr-defined]
+            block: tuple[int, int] = param.fp8_block  # type: ignore[attr-defined]
+            if param.dim() == 3:  # stacked experts, a few at a time
+                for i in range(0, param.shape[0], 8):
+                    w = torch.randn(param[i : i + 8].shape, device=param.device, generator=gen) * std
+                    q, sc = quantize_blocks(w, block)
+                    param[i : i + 8].copy_(q)
+                    scale[i : i + 8].copy_(sc)
+            else:  # ~64M values per slab, whole row blocks
+                rows = max(block[0], (1 << 26) // param.shape[1] // block[0] * block[0])
+                for r in range(0, param.shape[0], rows):
+                    w = torch.randn(param[r : r + rows].shape, device=param.device, generator=gen) * std
+                    q, sc = quantize_blocks(w, block)
+                    param[r : r + rows].copy_(q)
+                    scale[r // block[0] : r // block[0] + sc.shape[0]].copy_(sc)
+        else:
+            param.normal_(0.0, std, generator=gen)
     return elements

@@ -1,9 +1,10 @@
-"""The built-in tiny Ling-2.6 checkpoint: real structure, tiny dims, deterministic weights.
+"""Tiny Ling-2.6 checkpoints for the architecture tests: real structure, tiny dims, seeded random weights.
 
 ``tiny_config`` gives a Hugging Face ``config.json`` dict (``bailing_hybrid``) with both layer types,
 q LoRA, group-limited routing, a shared expert, a dense first layer and one MTP layer.
 ``write_checkpoint`` writes it with seeded random weights as sharded safetensors + index in the
-Hugging Face key layout, so the runtime, mlx-lm and the tests all load the same files.
+Hugging Face key layout, so the runtime, mlx-lm and the tests all load the same files;
+``save_checkpoint`` writes given tensors the same way (the trained built-in model, ``builtin/``).
 """
 
 from __future__ import annotations
@@ -167,6 +168,18 @@ def write_checkpoint(
         else:
             tensors[key] = t.to(dtype).contiguous()
 
+    return save_checkpoint(out, config, tensors, num_shards)
+
+
+def save_checkpoint(
+    path: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], num_shards: int = 2
+) -> Path:
+    """Write ``tensors`` (checkpoint key -> tensor, in file order) as ``num_shards`` safetensors files
+    + ``model.safetensors.index.json`` + ``config.json`` under ``path`` (the Hugging Face layout)."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards: must be >= 1, got {num_shards}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
     keys = list(tensors)
     shard_names = [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
     per_shard = -(-len(keys) // num_shards)

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import free_loopback_port, init_process_group
 from ling_runtime.model import ForwardBatch, LingForCausalLM, greedy_generate
+from ling_runtime.model.parallel import free_loopback_port, init_process_group
 from ling_runtime.tiny import init_random_weights, tiny_config, write_checkpoint
 
 from model.conftest import flash_config

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from ling_runtime.config import LingConfig
-from ling_runtime.loader import CheckpointError
+from ling_runtime.loader import CheckpointError, quantize_blocks
 from ling_runtime.model import LingForCausalLM
-from ling_runtime.model.linear import FP8, dequantize, quantize_blocks, scale_pieces
+from ling_runtime.model.linear import FP8, dequantize, scale_pieces
 from ling_runtime.tiny import tiny_config, write_checkpoint
 
 from .conftest import flash_config

@@ -8,12 +8,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from ling_runtime.kernels.slopes import alibi_base_slopes, lightning_slopes
 from ling_runtime.model.lightning import (
-    alibi_base_slopes,
     lightning_attention_reference,
     lightning_decode_reference,
     lightning_recurrent_reference,
-    lightning_slopes,
 )
 from ling_runtime.model.mla import (
     mla_attention_absorbed_reference,

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import free_loopback_port, init_process_group
 from ling_runtime.model import ForwardBatch, LingForCausalLM
+from ling_runtime.model.parallel import free_loopback_port, init_process_group
 
 PROMPT_A = [5, 9, 33, 100, 250, 7, 8, 300, 41, 42, 43]
 PROMPT_B = [17, 18, 19, 500, 2, 3]

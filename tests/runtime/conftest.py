@@ -24,7 +24,7 @@ def builtin_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(builtin_dir: Path):
-    from ling_runtime.server.tokenizer import TokenizerBundle
+    from ling_runtime.text.tokenizer import TokenizerBundle
 
     return TokenizerBundle.from_dir(builtin_dir)
 

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from ling_runtime.distributed.executor import LocalExecutor
-from ling_runtime.engine.engine import Engine, TokenEvent
+from ling_runtime.engine.engine import Engine
+from ling_runtime.engine.request import TokenEvent
 from ling_runtime.engine.sampling import SamplingParams
-from ling_runtime.engine.setup import RuntimeSpec, build_runner
+from ling_runtime.runner.build import build_runner
+from ling_runtime.settings import Settings
 
 
-def make_engine(model_dir: str, tokenizer, **spec_fields) -> Engine:
-    spec = RuntimeSpec(model_dir=str(model_dir), **spec_fields)
-    runner, _ = build_runner(spec)
-    engine = Engine(LocalExecutor(runner), tokenizer, spec.engine_config())
+def mtp(steps: int) -> dict[str, Any]:
+    """The Settings fields of `--speculative-algorithm NEXTN --speculative-num-steps steps` (0: off)."""
+    return {"speculative_algorithm": "NEXTN", "speculative_num_steps": steps} if steps else {}
+
+
+def make_engine(model_dir: str, tokenizer, **settings_fields: Any) -> Engine:
+    settings = Settings(model_path=str(model_dir), **settings_fields).resolve(str(model_dir))
+    runner, _ = build_runner(settings)
+    engine = Engine(LocalExecutor(runner), tokenizer, settings)
     engine.start()
     return engine
 
@@ -34,7 +42,7 @@ def generate_all(
         return emit
 
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        engine.submit(prompt, p, emitter(i), engine.new_request_id())
+        engine.submit(engine.prepare(prompt, p), emitter(i))
     for _ in prompts:
         assert done.acquire(timeout=timeout), f"engine did not finish (failed: {engine.failed})"
     return [events[i] for i in range(len(prompts))]

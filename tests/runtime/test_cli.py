@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from ling_runtime.cli import ServeArgsError, build_parser, parse_serve_args, validate
+from ling_runtime.cli import build_parser, parse_serve_args, validate
+from ling_runtime.settings import SettingsError
 
 YARN = (
     '{"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 6000000, '
@@ -109,7 +110,7 @@ def test_nextn_defaults_follow_sglang() -> None:
     ],
 )
 def test_bad_flags_fail_with_a_message_naming_them(argv: list[str], message: str) -> None:
-    with pytest.raises(ServeArgsError) as err:
+    with pytest.raises(SettingsError) as err:
         parse_serve_args(argv)
     assert message in str(err.value)
 

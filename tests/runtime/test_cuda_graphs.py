@@ -10,9 +10,8 @@ import pytest
 import torch
 from ling_runtime.cli import parse_serve_args
 from ling_runtime.config import LingConfig
-from ling_runtime.engine.cuda_graphs import DecodeGraphs, graph_buckets
-from ling_runtime.engine.setup import runtime_spec
 from ling_runtime.model import LingForCausalLM
+from ling_runtime.runner.cuda_graphs import DecodeGraphs, graph_buckets
 from ling_runtime.tiny import tiny_config
 
 
@@ -24,9 +23,9 @@ def test_buckets_are_powers_of_two_then_the_maximum() -> None:
         graph_buckets(0)
 
 
-def test_disable_cuda_graph_flag_reaches_the_runtime_spec(builtin_dir: Path) -> None:
-    on = runtime_spec(parse_serve_args(["--device", "cuda"]), str(builtin_dir))
-    off = runtime_spec(parse_serve_args(["--device", "cuda", "--disable-cuda-graph"]), str(builtin_dir))
+def test_disable_cuda_graph_flag_reaches_the_settings(builtin_dir: Path) -> None:
+    on = parse_serve_args(["--device", "cuda"]).resolve(str(builtin_dir))
+    off = parse_serve_args(["--device", "cuda", "--disable-cuda-graph"]).resolve(str(builtin_dir))
     assert on.cuda_graph is True and off.cuda_graph is False
 
 

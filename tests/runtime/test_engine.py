@@ -10,7 +10,7 @@ from ling_runtime.engine.sampling import SamplingParams
 from ling_runtime.model import LingForCausalLM, greedy_generate
 from ling_runtime.tiny import tiny_config, write_checkpoint
 
-from .engine_utils import generate_all, make_engine, output_ids
+from .engine_utils import generate_all, make_engine, mtp, output_ids
 
 PROMPTS = [list(range(10, 60)), [5, 6, 7], list(range(100, 400, 3)), [42] * 17]
 
@@ -32,7 +32,9 @@ def greedy(n: int) -> SamplingParams:
 
 def test_continuous_batching_matches_greedy_generate(builtin_dir, tokenizer, oracle) -> None:
     # 2 running at a time and 3 slots: requests wait and reuse slots; 16-token chunks split prompts.
-    engine = make_engine(builtin_dir, tokenizer, max_running_requests=2, num_slots=3, chunked_prefill_size=16)
+    engine = make_engine(
+        builtin_dir, tokenizer, max_running_requests=2, max_mamba_cache_size=3, chunked_prefill_size=16
+    )
     try:
         events = generate_all(engine, PROMPTS, [greedy(12)] * len(PROMPTS))
     finally:
@@ -48,7 +50,7 @@ def test_mtp_is_lossless_and_accepts_drafts(small_vocab_dir, tokenizer) -> None:
     expected = [greedy_generate(oracle, p, 20) for p in prompts]
     for steps in (1, 3):
         engine = make_engine(
-            small_vocab_dir, tokenizer, num_draft_steps=steps, num_slots=4, chunked_prefill_size=16
+            small_vocab_dir, tokenizer, **mtp(steps), max_mamba_cache_size=4, chunked_prefill_size=16
         )
         try:
             events = generate_all(engine, prompts, [greedy(20)] * len(prompts))
@@ -67,7 +69,7 @@ def test_seeded_sampling_is_identical_with_and_without_mtp(small_vocab_dir, toke
     ]
     outputs = []
     for steps in (0, 3):
-        engine = make_engine(small_vocab_dir, tokenizer, num_draft_steps=steps, num_slots=2)
+        engine = make_engine(small_vocab_dir, tokenizer, **mtp(steps), max_mamba_cache_size=2)
         try:
             outputs.append([output_ids(e) for e in generate_all(engine, [[1, 2, 3], [4, 5]], params)])
         finally:
@@ -79,7 +81,7 @@ def test_seeded_sampling_is_identical_with_and_without_mtp(small_vocab_dir, toke
 def test_stop_tokens_and_eos_end_a_request(builtin_dir, tokenizer, oracle) -> None:
     reference = greedy_generate(oracle, PROMPTS[0], 10)
     stop_at = reference[4]
-    engine = make_engine(builtin_dir, tokenizer, num_slots=2)
+    engine = make_engine(builtin_dir, tokenizer, max_mamba_cache_size=2)
     try:
         [events] = generate_all(
             engine,

@@ -24,6 +24,7 @@ import torch
 from ling_runtime.model import LingForCausalLM, greedy_generate
 
 from tests.netns import NetNamespace
+from tests.waiting import wait_for
 
 from .conftest import free_port
 
@@ -67,27 +68,30 @@ def stop(proc: subprocess.Popen) -> None:
 def wait_healthy(
     url: str, procs: list[subprocess.Popen], logs: list[Path], timeout: float, via: Callable = host
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         for proc, log in zip(procs, logs, strict=True):
             if proc.poll() is not None:
                 pytest.fail(f"runtime exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if via(httpx.get, f"{url}/health", timeout=2).status_code == 200:
-                return
+            return via(httpx.get, f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not healthy after {timeout}s:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+            return False
+
+    try:
+        wait_for(f"{url}/health to answer 200", healthy, timeout=timeout)
+    except AssertionError as exc:
+        pytest.fail(f"{exc}:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
 
 
 def wait_503(url: str, within_s: float, via: Callable = host) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < within_s:
-        if via(httpx.get, f"{url}/health", timeout=2).status_code == 503:
-            return time.monotonic() - started
-        time.sleep(0.2)
-    pytest.fail(f"/health still 200 {within_s}s after a rank died")
+    wait_for(
+        f"{url}/health to turn 503 after a rank died",
+        lambda: via(httpx.get, f"{url}/health", timeout=2).status_code == 503,
+        timeout=within_s,
+        every=0.2,
+    )
+    return time.monotonic() - started
 
 
 def expected(url: str, via: Callable = host) -> list[int]:
@@ -215,10 +219,10 @@ def test_ray_tp2_over_two_nodes_answers_and_detects_a_dead_rank(ray_group, netns
     # must go down with it, and the head must notice.
     os.kill(procs[1].pid, signal.SIGKILL)
     assert wait_503(head_url, within_s=15, via=via) < 15
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _alive(info["worker_pids"][0]):
-        time.sleep(0.2)
-    assert not _alive(info["worker_pids"][0]), "the TP actor outlived its node's runtime process"
+    pid = info["worker_pids"][0]
+    wait_for(
+        f"the TP actor (pid {pid}) to die with its node's runtime process", lambda: not _alive(pid), 15, 0.2
+    )
 
 
 def _alive(pid: int) -> bool:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from ling_runtime.model import LingForCausalLM, greedy_generate
 
+from tests.waiting import wait_for
+
 from .conftest import RunningServer
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
@@ -20,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 @pytest.fixture(scope="module")
 def oracle(server: RunningServer) -> LingForCausalLM:
     # The checkpoint the server resolved with no --model-path (the built-in one).
-    return LingForCausalLM.from_pretrained(server.ctx.model_dir, dtype=torch.float32)
+    return LingForCausalLM.from_pretrained(server.ctx.settings.model_dir, dtype=torch.float32)
 
 
 def expected_text(tokenizer, oracle, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
@@ -189,11 +191,10 @@ def test_client_disconnect_cancels_generation(server) -> None:
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 break
-    for _ in range(100):
-        if server.engine.scheduler.num_running == 0:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert server.engine.scheduler.num_running == 0
+    # The server notices the closed connection at its next disconnect poll (1 s) and aborts.
+    wait_for(
+        "the aborted request to leave the running set", lambda: server.engine.idle, timeout=10, every=0.05
+    )
     metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     assert 'ling_runtime_requests_total{finish_reason="abort",model_name="ling-tiny"}' in metrics
 

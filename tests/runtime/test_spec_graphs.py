@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from ling_runtime.distributed.executor import LocalExecutor
-from ling_runtime.engine.engine import Engine, EngineConfig, device_temperature
-from ling_runtime.engine.plan import SeqWork, StepPlan
-from ling_runtime.engine.runner import ModelRunner
+from ling_runtime.engine.engine import Engine, device_temperature
 from ling_runtime.engine.sampling import SamplingParams
-from ling_runtime.engine.spec_graphs import SpecGraphs
 from ling_runtime.model import LingForCausalLM, greedy_generate
+from ling_runtime.runner.model_runner import ModelRunner
+from ling_runtime.runner.plan import SeqWork, StepPlan
+from ling_runtime.runner.spec_graphs import SpecGraphs
+from ling_runtime.settings import Settings
 from ling_runtime.tiny import tiny_config, write_checkpoint
 
-from .engine_utils import generate_all, output_ids
+from .engine_utils import generate_all, mtp, output_ids
 
 PAGE = 16
 PROMPTS = [[1, 2, 3, 4, 5, 0, 1], [3, 3], [0, 1, 2, 3, 4, 5] * 6, [2]]
@@ -44,11 +45,16 @@ def graph_engine(model_dir: Path, tokenizer, k: int, graphs: bool) -> tuple[Engi
         runner.enable_cuda_graphs(
             max_batch=slots, max_pages=8, scratch_page=num_pages, num_drafts=k, eager=True
         )
-    config = EngineConfig(
-        max_running_requests=slots, num_slots=slots, num_pages=num_pages, page_size=PAGE,
-        chunked_prefill_size=16, num_draft_steps=k,
-    )  # fmt: skip
-    engine = Engine(LocalExecutor(runner), tokenizer, config)
+    settings = Settings(
+        max_running_requests=slots,
+        max_mamba_cache_size=slots,
+        max_total_tokens=num_pages * PAGE,
+        page_size=PAGE,
+        chunked_prefill_size=16,
+        context_length=4096,
+        **mtp(k),
+    )
+    engine = Engine(LocalExecutor(runner), tokenizer, settings)
     engine.start()
     return engine, runner
 
@@ -216,7 +222,7 @@ def test_decode_body_samples_greedy_and_temperature_rows() -> None:
     """The decode body's in-graph sampling: greedy rows are the argmax of the same logits, a row
     with temperature draws from the softmax (a near-uniform tiny row gives several distinct ids)."""
     from ling_runtime.config import LingConfig
-    from ling_runtime.engine.cuda_graphs import DecodeGraphs
+    from ling_runtime.runner.cuda_graphs import DecodeGraphs
     from ling_runtime.tiny import init_random_weights
 
     model = LingForCausalLM(LingConfig.from_hf(tiny_config(vocab_size=6)), dtype=torch.float32)
@@ -233,13 +239,13 @@ def test_decode_body_samples_greedy_and_temperature_rows() -> None:
 
 
 def test_device_temperature_only_for_plain_sampling() -> None:
-    assert device_temperature(SamplingParams(temperature=0.0)) == 0.0
-    assert device_temperature(SamplingParams(temperature=0.7)) == 0.7
-    assert device_temperature(SamplingParams(temperature=0.7, top_k=1)) == 0.0  # greedy
-    assert device_temperature(SamplingParams(temperature=0.7, seed=3)) is None
-    assert device_temperature(SamplingParams(temperature=0.7, top_p=0.9)) is None
-    assert device_temperature(SamplingParams(temperature=0.7, top_k=5)) is None
-    assert device_temperature(SamplingParams(temperature=0.0, logprobs=True)) is None
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.0)) == 0.0
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7)) == 0.7
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_k=1)) == 0.0  # greedy
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, seed=3)) is None
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_p=0.9)) is None
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_k=5)) is None
+    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True)) is None
 
 
 def test_spec_graphs_refuse_a_cache_without_room_for_the_drafts(vocab6_dir: Path) -> None:

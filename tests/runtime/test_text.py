@@ -6,8 +6,8 @@ import json
 
 import pytest
 from ling_runtime.builtin import SPECIAL_TOKENS, builtin_config
-from ling_runtime.engine.output import TextOutput
-from ling_runtime.server.tokenizer import ChatTemplateError, IncrementalDetokenizer
+from ling_runtime.text.chat_template import ChatTemplateError
+from ling_runtime.text.detokenizer import IncrementalDetokenizer, TextOutput
 
 
 def test_builtin_tokenizer_matches_the_model_vocab(builtin_dir, tokenizer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ling_runtime.server.tool_parser import ToolCallStreamer, parse_tool_calls
+from ling_runtime.text.tool_parser import ToolCallStreamer, parse_tool_calls
 
 
 def test_parses_calls_and_keeps_surrounding_content() -> None:

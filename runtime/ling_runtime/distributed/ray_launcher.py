@@ -4,8 +4,9 @@ Node rank 0 starts the Ray head (or joins `--ray-address`), waits for `--nnodes`
 deadline that names the missing ranks, reserves one placement-group bundle per shard (pinned to its
 node by the `ling_node_<r>` resource), and starts one `TPWorker` actor per shard 1..T-1; shard 0 is
 this process (it also serves HTTP and broadcasts each step's plan). All shards then meet in
-`torch.distributed` at `--dist-init-addr`. Node ranks > 0 only run a Ray worker node and a small
-/health endpoint, and exit when the head is gone so their pod restarts with the group.
+`torch.distributed` at `--dist-init-addr`. Node ranks > 0 only run a Ray worker node (`WorkerNode`;
+server/launch.py answers /health for it), and exit when the head is gone so their pod restarts with
+the group.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+import torch
 import torch.distributed as torch_dist
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ling_runtime.cli import ServeArgs
-from ling_runtime.distributed.executor import GroupExecutor, control_group
+from ling_runtime.distributed.executor import Executor, GroupExecutor, RankState, control_group
 from ling_runtime.distributed.ray_node import RayNode, free_ports, node_resource, port_open, ray_start_argv
-from ling_runtime.engine.setup import RuntimeSpec, build_runner
+from ling_runtime.distributed.ray_worker import TPWorker
+from ling_runtime.model.parallel import backend_for, init_process_group
+from ling_runtime.runner.build import build_runner
+from ling_runtime.settings import Settings
 
 log = logging.getLogger("ling_runtime.ray")
 PING_INTERVAL_S = 0.5
@@ -39,46 +46,47 @@ def missing_node_ranks(alive_resources: list[dict[str, float]], nnodes: int) -> 
     return [r for r in range(nnodes) if node_resource(r) not in present]
 
 
-def _node_log(args: ServeArgs) -> Path:
-    base = Path(args.ray_temp_dir or tempfile.gettempdir())
+def _node_log(settings: Settings) -> Path:
+    base = Path(settings.ray_temp_dir or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
-    return base / f"ling-ray-node{args.node_rank}.log"
+    return base / f"ling-ray-node{settings.node_rank}.log"
 
 
-def _cpus_for(args: ServeArgs) -> int | None:
+def _cpus_for(settings: Settings) -> int | None:
     # On CPU each shard is one bundle of 1 CPU; Ray must see at least that many on the node.
-    return max(args.shards_per_node, 1) if args.device == "cpu" else None
+    return max(settings.shards_per_node, 1) if settings.device == "cpu" else None
 
 
-def start_node(args: ServeArgs) -> RayNode:
-    head_host = args.dist_host_port[0]
-    head = args.node_rank == 0 and not args.ray_address
-    address = args.ray_address or f"{head_host}:{args.ray_port}"
+def head_address(settings: Settings) -> str:
+    """HOST:PORT of the Ray head's GCS: --ray-address, else rank 0's host at --ray-port."""
+    return settings.ray_address or f"{settings.dist_host_port[0]}:{settings.ray_port}"
+
+
+def start_node(settings: Settings) -> RayNode:
+    head = settings.node_rank == 0 and not settings.ray_address
+    address = head_address(settings)
     argv = ray_start_argv(
-        args.node_rank,
-        args.host,
-        args.ray_port,
+        settings.node_rank,
+        settings.host,
+        settings.ray_port,
         head=head,
         head_address=None if head else address,
-        num_cpus=_cpus_for(args),
-        temp_dir=args.ray_temp_dir,
-        ports=free_ports(args.host),
+        num_cpus=_cpus_for(settings),
+        temp_dir=settings.ray_temp_dir,
+        ports=free_ports(settings.host),
     )
     if not head:
         # The head may still be starting (pods come up in any order): wait for its GCS port.
-        host, _, port = address.rpartition(":")
-        deadline = time.monotonic() + args.rendezvous_timeout
-        while not port_open(host, int(port)):
+        deadline = time.monotonic() + settings.rendezvous_timeout
+        while not port_open(*_split(address)):
             if time.monotonic() > deadline:
-                raise RendezvousTimeout(f"node rank {args.node_rank}: Ray head {address} unreachable")
+                raise RendezvousTimeout(f"node rank {settings.node_rank}: Ray head {address} unreachable")
             time.sleep(0.5)
     log.info("starting Ray node: %s", " ".join(argv))
-    return RayNode(argv, _node_log(args))
+    return RayNode(argv, _node_log(settings))
 
 
 def wait_for_nodes(nnodes: int, timeout_s: float, address: str) -> None:
-    import ray
-
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -93,70 +101,69 @@ def wait_for_nodes(nnodes: int, timeout_s: float, address: str) -> None:
         time.sleep(0.5)
 
 
-def launch_ray_group(args: ServeArgs, spec: RuntimeSpec):
+def launch_ray_group(settings: Settings) -> tuple[Executor, float]:
     """Node rank 0: bring up the group; returns (executor, seconds from start to loaded)."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from ling_runtime.distributed.parallel import init_process_group
-    from ling_runtime.distributed.ray_worker import TPWorker
-
     started = time.monotonic()
-    node = start_node(args)
-    address = args.ray_address or f"{args.dist_host_port[0]}:{args.ray_port}"
-    deadline = time.monotonic() + args.rendezvous_timeout
+    node = start_node(settings)
+    address = head_address(settings)
+    deadline = time.monotonic() + settings.rendezvous_timeout
     while not port_open(*_split(address)):
         if not node.alive() or time.monotonic() > deadline:
             node.stop()
-            raise RendezvousTimeout(f"Ray head did not come up at {address} (see {_node_log(args)})")
+            raise RendezvousTimeout(f"Ray head did not come up at {address} (see {_node_log(settings)})")
         time.sleep(0.2)
-    ray.init(address=address, _node_ip_address=args.host, namespace="ling", log_to_driver=False)
+    ray.init(address=address, _node_ip_address=settings.host, namespace="ling", log_to_driver=False)
     try:
-        wait_for_nodes(args.nnodes, max(1.0, deadline - time.monotonic()), address)
-        per_node = args.shards_per_node
-        unit = {"CPU": 1} if args.device == "cpu" else {"GPU": 1}
-        bundles = [{**unit, node_resource(r // per_node): 1} for r in range(args.tp_size)]
+        wait_for_nodes(settings.nnodes, max(1.0, deadline - time.monotonic()), address)
+        per_node = settings.shards_per_node
+        unit = {"CPU": 1} if settings.device == "cpu" else {"GPU": 1}
+        bundles = [{**unit, node_resource(r // per_node): 1} for r in range(settings.tp_size)]
         pg = placement_group(bundles, strategy="PACK")
         ray.get(pg.ready(), timeout=max(1.0, deadline - time.monotonic()))
-        host, port = args.dist_host_port
+        host, port = settings.dist_host_port
         workers = []
         setups = []
-        for rank in range(1, args.tp_size):
+        for rank in range(1, settings.tp_size):
             actor = TPWorker.options(
-                num_cpus=1 if args.device == "cpu" else 0,
-                num_gpus=1 if args.device == "cuda" else 0,
+                num_cpus=1 if settings.device == "cpu" else 0,
+                num_gpus=1 if settings.device == "cuda" else 0,
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote()
             workers.append(actor)
-            setups.append(actor.setup.remote(spec, rank, args.tp_size, host, port, args.rendezvous_timeout))
-        backend = "nccl" if args.device == "cuda" else "gloo"
-        tp = init_process_group(0, args.tp_size, host, port, backend, args.rendezvous_timeout)
-        group = control_group(args.rendezvous_timeout)
-        runner, _ = build_runner(spec, 0, args.tp_size, tp.group, local_device=_driver_gpu(args, workers))
-        ray.get(setups, timeout=args.rendezvous_timeout)
+            setups.append(
+                actor.setup.remote(settings, rank, settings.tp_size, host, port, settings.rendezvous_timeout)
+            )
+        tp = init_process_group(
+            0, settings.tp_size, host, port, backend_for(settings.device), settings.rendezvous_timeout
+        )
+        group = control_group(settings.rendezvous_timeout)
+        runner, _ = build_runner(
+            settings, 0, settings.tp_size, tp.group, local_device=_driver_gpu(settings, workers)
+        )
+        ray.get(setups, timeout=settings.rendezvous_timeout)
         ray.get([w.start_loop.remote() for w in workers], timeout=30)
     except BaseException:
         ray.shutdown()
         node.stop()
         raise
-    monitor = _Liveness(workers, args.tp_size)
+    monitor = _Liveness(workers, settings.tp_size)
     monitor.start()
 
-    def stop() -> None:
+    def stop(graceful: bool) -> None:
         monitor.stop()
         for w in workers:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(w)
         ray.shutdown()
         node.stop()
-        with contextlib.suppress(Exception):
-            torch_dist.destroy_process_group()
+        if graceful:  # not after a failure: a collective may still hang in this process
+            with contextlib.suppress(Exception):
+                torch_dist.destroy_process_group()
 
-    executor = GroupExecutor(runner, group, monitor.alive, stop)
-    executor.worker_pids = ray.get([w.pid.remote() for w in workers])  # type: ignore[attr-defined]
-    log.info("Ray TP group of %d shards over %d nodes ready", args.tp_size, args.nnodes)
+    pids = ray.get([w.pid.remote() for w in workers])
+    executor = GroupExecutor(runner, group, monitor.alive, stop, worker_pids=pids, ranks=monitor.ranks)
+    log.info("Ray TP group of %d shards over %d nodes ready", settings.tp_size, settings.nnodes)
     return executor, time.monotonic() - started
 
 
@@ -165,15 +172,12 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _driver_gpu(args: ServeArgs, workers) -> int:
+def _driver_gpu(settings: Settings, workers) -> int:
     """The local GPU left for shard 0 after Ray assigned GPUs to the actors on this node."""
-    if args.device != "cuda":
+    if settings.device != "cuda":
         return 0
-    import ray
-    import torch
-
     infos = ray.get([w.placement.remote() for w in workers])
-    taken = {int(g) for ip, gpus in infos if ip == args.host for g in gpus}
+    taken = {int(g) for ip, gpus in infos if ip == settings.host for g in gpus}
     free = [i for i in range(torch.cuda.device_count()) if i not in taken]
     if not free:
         raise RuntimeError("no GPU left on the head node for tensor-parallel rank 0")
@@ -187,6 +191,7 @@ class _Liveness:
         self.workers = workers
         self.tp_size = tp_size
         self._alive = tp_size
+        self._states = [RankState(rank, True) for rank in range(1, tp_size)]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ling-ray-liveness", daemon=True)
 
@@ -199,64 +204,60 @@ class _Liveness:
     def alive(self) -> tuple[int, int]:
         return self._alive, self.tp_size
 
-    def _run(self) -> None:
-        import ray
+    def ranks(self) -> list[RankState]:
+        return list(self._states)
 
+    def _run(self) -> None:
         while not self._stop.is_set():
-            count = 1
-            for w in self.workers:
+            states = []
+            for rank, w in enumerate(self.workers, start=1):
                 try:
-                    ray.get(w.ping.remote(), timeout=PING_TIMEOUT_S)
-                    count += 1
-                except Exception:  # RayActorError, GetTimeoutError, a failed step loop
-                    pass
-            self._alive = count
+                    steps = ray.get(w.ping.remote(), timeout=PING_TIMEOUT_S)
+                    states.append(RankState(rank, True, steps=int(steps)))
+                except Exception:  # RayActorError, GetTimeoutError (a stopped actor), a failed loop
+                    states.append(RankState(rank, False))
+            self._states = states
+            self._alive = 1 + sum(s.alive for s in states)
             self._stop.wait(PING_INTERVAL_S)
 
 
-def run_worker_node(args: ServeArgs) -> int:
-    """Node rank > 0: join the head's Ray cluster, answer /health, exit when the head is gone."""
-    import uvicorn
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+class WorkerNode:
+    """Node rank > 0: this pod's Ray node, joined to the head's cluster. The group can use it while
+    the node runs and the head answers; `check` (called about once a second) says when the process
+    should end so that its pod restarts with the group."""
 
-    node = start_node(args)
-    head = args.ray_address or f"{args.dist_host_port[0]}:{args.ray_port}"
-    state = {"head_lost_since": None}
-    app = FastAPI(docs_url=None, redoc_url=None)
+    HEAD_LOST_S = 15.0
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok = node.alive() and state["head_lost_since"] is None
-        reason = "ok" if ok else ("Ray node exited" if not node.alive() else f"Ray head {head} unreachable")
-        return JSONResponse(
-            {"status": "ok" if ok else "unhealthy", "reason": reason}, status_code=200 if ok else 503
-        )
+    def __init__(self, settings: Settings) -> None:
+        self.node = start_node(settings)
+        self.head = head_address(settings)
+        self.head_lost_since: float | None = None
 
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    def health(self) -> tuple[bool, str]:
+        if not self.node.alive():
+            return False, "Ray node exited"
+        if self.head_lost_since is not None:
+            return False, f"Ray head {self.head} unreachable"
+        return True, "ok"
 
-    def watch() -> None:
-        while not server.should_exit:
-            if not node.alive():
-                log.error("Ray node exited; stopping")
-                server.should_exit = True
-                break
-            if port_open(*_split(head)):
-                state["head_lost_since"] = None
-            elif state["head_lost_since"] is None:
-                state["head_lost_since"] = time.monotonic()
-            elif time.monotonic() - state["head_lost_since"] > 15:
-                log.error("Ray head %s unreachable for 15s; stopping so the group restarts", head)
-                server.should_exit = True
-                break
-            time.sleep(1)
+    def check(self) -> bool:
+        """Probe the head; False when this node should stop (its Ray node exited, or the head has
+        been unreachable for HEAD_LOST_S)."""
+        if not self.node.alive():
+            log.error("Ray node exited; stopping")
+            return False
+        if port_open(*_split(self.head)):
+            self.head_lost_since = None
+        elif self.head_lost_since is None:
+            self.head_lost_since = time.monotonic()
+        elif time.monotonic() - self.head_lost_since > self.HEAD_LOST_S:
+            log.error(
+                "Ray head %s unreachable for %.0fs; stopping so the group restarts",
+                self.head,
+                self.HEAD_LOST_S,
+            )
+            return False
+        return True
 
-    threading.Thread(target=watch, daemon=True).start()
-    from ling_runtime.server.launch import ignore_reraised_signals
-
-    ignore_reraised_signals()
-    try:
-        server.run()
-    finally:
-        node.stop()
-    return 0 if state["head_lost_since"] is None and node.alive() else 1
+    def stop(self) -> None:
+        self.node.stop()

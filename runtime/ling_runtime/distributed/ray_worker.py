@@ -12,7 +12,10 @@ import threading
 
 import ray
 
-from ling_runtime.engine.setup import RuntimeSpec
+from ling_runtime.distributed.executor import control_group, worker_step_loop
+from ling_runtime.model.parallel import backend_for, init_process_group
+from ling_runtime.runner.build import build_runner
+from ling_runtime.settings import Settings
 
 
 @ray.remote
@@ -22,37 +25,35 @@ class TPWorker:
         self.group = None
         self.loop_error: str | None = None
         self.thread: threading.Thread | None = None
+        self.steps = 0  # plans finished (ping reports it; the watchdog names a rank that lags)
 
     def setup(
-        self, spec: RuntimeSpec, rank: int, tp_size: int, host: str, port: int, timeout_s: float
+        self, settings: Settings, rank: int, tp_size: int, host: str, port: int, timeout_s: float
     ) -> float:
-        from ling_runtime.distributed.executor import control_group
-        from ling_runtime.distributed.parallel import init_process_group
-        from ling_runtime.engine.setup import build_runner
-
-        backend = "nccl" if spec.device == "cuda" else "gloo"
-        tp = init_process_group(rank, tp_size, host, port, backend, timeout_s)
+        tp = init_process_group(rank, tp_size, host, port, backend_for(settings.device), timeout_s)
         self.group = control_group(timeout_s)
         # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always local device 0.
-        self.runner, seconds = build_runner(spec, rank, tp_size, tp.group, local_device=0)
+        self.runner, seconds = build_runner(settings, rank, tp_size, tp.group, local_device=0)
         return seconds
 
     def start_loop(self) -> None:
-        from ling_runtime.distributed.executor import worker_step_loop
-
         def run() -> None:
             try:
-                worker_step_loop(self.runner, self.group)
+                worker_step_loop(self.runner, self.group, self._count)
             except Exception as exc:  # rank 0 gone: the collective fails; report it through ping
                 self.loop_error = f"{type(exc).__name__}: {exc}"
 
         self.thread = threading.Thread(target=run, name="ling-step-loop", daemon=True)
         self.thread.start()
 
-    def ping(self) -> bool:
+    def _count(self) -> None:
+        self.steps += 1
+
+    def ping(self) -> int:
+        """The plans finished so far; raises when the step loop failed."""
         if self.loop_error:
             raise RuntimeError(f"step loop failed: {self.loop_error}")
-        return True
+        return self.steps
 
     def pid(self) -> int:
         return os.getpid()

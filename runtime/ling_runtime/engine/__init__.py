@@ -1,1 +1,2 @@
-"""The engine: continuous-batching scheduler, cache accounting, sampling, MTP speculative decoding."""
+"""The engine on rank 0: requests checked once (`Engine.prepare`), continuous batching, cache
+accounting, sampling and MTP acceptance; each step goes to the group's executor as a `StepPlan`."""

@@ -1,78 +1,72 @@
 """The engine loop on rank 0: requests in, scheduled steps out to the executor, tokens back to clients.
 
-One thread runs the loop (the model is synchronous); HTTP handlers talk to it through thread-safe
-queues and receive `TokenEvent`s on their asyncio queues. The executor hides whether the model runs
-in this process (TP 1) or on a tensor-parallel group (it broadcasts the plan, then runs rank 0).
+One thread runs the loop (the model is synchronous); HTTP handlers talk to it through a thread-safe
+inbox and receive `TokenEvent`s through their `emit` callbacks. The executor hides whether the model
+runs in this process (TP 1) or on a tensor-parallel group (it broadcasts the plan, then runs rank 0).
+Requests are checked once, by `prepare`, before they reach `submit`.
+
+Request lifecycle (the loop's thread owns the scheduler and the clients; `_lock` is held by it for
+everything but the executor's step, so another thread can take it only between steps or while one
+runs):
+- admission: `submit` refuses at once when the engine failed, drains, or already has
+  --max-queued-requests waiting; a request still waiting after --queue-timeout is refused then.
+- failure: a dead rank (the launcher's liveness), a step running past --watchdog-timeout (watched
+  by `_watch`, a second thread), or an exception from a step call `fail`: every request, running,
+  waiting or still in the inbox, gets an `EngineFailed` event at once, the gauges drop to 0, and the
+  server's `on_failure` callbacks end the process. Messages name the rank, never internal addresses.
+- drain: `drain` stops admission, waits for the running requests, and cuts what is left at its
+  deadline with an `EngineShuttingDown` event.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
+from ling_runtime.distributed.executor import Executor
 from ling_runtime.engine.cache_manager import CacheManager
-from ling_runtime.engine.output import TextOutput
-from ling_runtime.engine.plan import SeqWork, StepPlan, StepResult
-from ling_runtime.engine.sampling import SampledToken, SamplingParams, make_generator, sample_row
+from ling_runtime.engine.errors import (
+    EngineError,
+    EngineFailed,
+    EngineShuttingDown,
+    InvalidRequest,
+    Overloaded,
+    PromptTooLong,
+    QueueTimeout,
+)
+from ling_runtime.engine.request import Emit, EngineRequest, TokenEvent
+from ling_runtime.engine.sampling import RequestSampler, SampledToken, SamplingParams, make_generator
 from ling_runtime.engine.scheduler import Scheduler, Step
 from ling_runtime.engine.sequence import Sequence
-from ling_runtime.server.metrics import RuntimeMetrics
-from ling_runtime.server.tokenizer import TokenizerBundle
+from ling_runtime.runner.plan import SeqWork, StepPlan, StepResult
+from ling_runtime.settings import LIGHTNING_CHUNK, Settings
+from ling_runtime.telemetry import RuntimeMetrics
+from ling_runtime.text.detokenizer import TextOutput
+from ling_runtime.text.tokenizer import TokenizerBundle
 
 log = logging.getLogger("ling_runtime.engine")
 
-
-class Executor(Protocol):
-    def execute(self, plan: StepPlan) -> StepResult: ...
-    def ranks_alive(self) -> tuple[int, int]: ...  # (alive, total)
-    def shutdown(self) -> None: ...
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine cannot take the request (shutting down, failed, or queue full): HTTP 503."""
+# How often the watchdog thread looks at rank liveness and the running step's age.
+WATCH_INTERVAL_S = 0.1
+# `fail` waits this long for the loop to finish its host work before failing without the lock.
+FAIL_LOCK_TIMEOUT_S = 2.0
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_running_requests: int = 64
-    num_slots: int = 64
-    num_pages: int = 2048
-    page_size: int = 16
-    chunked_prefill_size: int = 256
-    context_length: int = 4096
-    num_draft_steps: int = 0  # MTP steps k (0: speculative decoding off)
-    max_queued_requests: int = 4096
-    seed: int = 0
-
-
-@dataclass
-class TokenEvent:
-    token_ids: list[int]
-    text: str
-    logprobs: list[SampledToken] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    spec_verify_steps: int = 0
-    spec_accepted: int = 0
+class _Halted(Exception):
+    """Unwinds the loop's step when `fail` ran while the step was with the executor."""
 
 
 @dataclass
 class _Client:
     seq: Sequence
     text: TextOutput
-    generator: object
-    emit: Callable[[TokenEvent], None]
-    sent_tokens: int = 0
+    sampler: RequestSampler
+    emit: Emit
     verify_steps: int = 0
     accepted: int = 0
     # Speculative state carried to the next plan.
@@ -86,20 +80,37 @@ class Engine:
         self,
         executor: Executor,
         tokenizer: TokenizerBundle,
-        config: EngineConfig,
+        settings: Settings,
         metrics: RuntimeMetrics | None = None,
     ) -> None:
+        if settings.context_length is None:
+            raise ValueError("Engine: unresolved settings; call Settings.resolve(model_dir) first")
         self.executor = executor
         self.tokenizer = tokenizer
-        self.config = config
+        self.settings = settings
+        self.context_length: int = settings.context_length
         self.metrics = metrics
-        cache = CacheManager(config.num_slots, config.num_pages, config.page_size)
+        # The prefix cache's blocks are the snapshot interval (engine/radix_cache.py).
+        cache = CacheManager(
+            settings.num_slots,
+            settings.num_pages,
+            settings.page_size,
+            block_tokens=settings.mamba_track_interval if settings.prefix_cache else 0,
+            num_snapshots=settings.num_snapshots,
+        )
         self.scheduler = Scheduler(
             cache,
-            max_running=min(config.max_running_requests, config.num_slots),
-            chunk_tokens=config.chunked_prefill_size,
-            lookahead_tokens=config.num_draft_steps + 1,
+            max_running=min(settings.max_running_requests, settings.num_slots),
+            chunk_tokens=settings.chunked_prefill_size,
+            lookahead_tokens=settings.num_draft_steps + 1,
+            policy=settings.schedule_policy,
+            # Chunks on the Lightning chunk grid (the snapshot grid when caching): see scheduler.py.
+            align=settings.mamba_track_interval if settings.prefix_cache else LIGHTNING_CHUNK,
+            speculative=settings.num_draft_steps > 0,
         )
+        self._admitted_prompt_tokens = 0  # for the prefix cache's hit rate
+        self._cached_prompt_tokens = 0
+        self._evicted = (0, 0)  # pages, snapshots already counted
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._clients: dict[str, _Client] = {}
@@ -111,61 +122,87 @@ class Engine:
         self.heartbeat = time.monotonic()
         self.steps = 0
         self._pending = 0  # submitted but not yet picked up by the loop (for queue depth)
-        self._pending_lock = threading.Lock()
+        # Held by the loop except while the executor runs a step (see the module docstring).
+        self._lock = threading.Lock()
+        # Admission state (failed, draining, _pending, inbox adds) changes under this one.
+        self._admit = threading.Lock()
+        self._step_started: float | None = None  # monotonic start of the step with the executor
+        self._watchdog: threading.Thread | None = None
+        self._failure_callbacks: list[Callable[[str], None]] = []
 
     # ---- public API (any thread) ----------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ling-engine", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="ling-watchdog", daemon=True)
+        self._watchdog.start()
 
-    def new_request_id(self) -> str:
-        return f"req-{next(self._ids)}"
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (on the failing thread) once the engine has failed."""
+        self._failure_callbacks.append(callback)
 
-    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (HTTP 400) when the request can never fit the context or the cache."""
-        limit = self.config.context_length
+    def prepare(self, prompt_ids: list[int], params: SamplingParams) -> EngineRequest:
+        """Check a request against the model and this engine's limits, once, at the boundary.
+
+        Raises `InvalidRequest` (or `PromptTooLong`) naming the field when the request can never be
+        served as asked: sampling parameters out of range, an empty prompt, ids outside the
+        vocabulary, prompt + max_tokens beyond the context or the whole KV cache."""
+        vocab = self.tokenizer.vocab_size
+        params.validate(vocab)
         if not prompt_ids:
-            raise ValueError("prompt: must contain at least one token")
-        bad = [t for t in prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
+            raise InvalidRequest("prompt", "must contain at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(
-                f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.tokenizer.vocab_size})"
-            )
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise ContextLengthError(
+            raise InvalidRequest("prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        limit = self.context_length
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > limit:
+            raise PromptTooLong(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + params.max_new_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{total} tokens ({len(prompt_ids)} in the prompt, "
                 f"{params.max_new_tokens} for the completion). Reduce the prompt or max_tokens."
             )
-
-    def submit(
-        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None], rid: str
-    ) -> None:
-        if self.failed:
-            raise EngineUnavailable(f"engine failed: {self.failed}")
-        if self.draining or self._stopping:
-            raise EngineUnavailable("server is shutting down")
-        if self.scheduler.num_waiting + self._pending >= self.config.max_queued_requests:
-            raise EngineUnavailable(f"overloaded: {self.config.max_queued_requests} requests already queued")
-        self.check_prompt(prompt_ids, params)
-        params.validate(self.tokenizer.vocab_size)
-        seq = Sequence(rid, list(prompt_ids), params, eos_token_ids=self.tokenizer.eos_token_ids)
-        if not self.scheduler.fits(seq):
-            cache_tokens = self.config.num_pages * self.config.page_size
-            raise ValueError(
-                f"max_tokens: prompt + max_tokens + {self.scheduler.lookahead_tokens} lookahead exceed the "
-                f"{cache_tokens}-token KV cache (--max-total-tokens)"
+        if not self.scheduler.can_ever_fit(total):
+            cache_tokens = self.settings.num_pages * self.settings.page_size
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt + max_tokens + {self.scheduler.lookahead_tokens} lookahead exceed the "
+                f"{cache_tokens}-token KV cache (--max-total-tokens)",
             )
+        return EngineRequest(f"req-{next(self._ids)}", tuple(prompt_ids), params)
+
+    def submit(self, request: EngineRequest, emit: Emit) -> None:
+        """Queue a prepared request; its events go to `emit` (on the engine thread, or on the
+        watchdog's when the engine fails). Raises an `EngineUnavailable` when the engine cannot take
+        it now: failed, draining, or --max-queued-requests already waiting."""
+        params = request.params
+        generator = make_generator(params, self.settings.seed + hash(request.rid) % (1 << 31))
         client = _Client(
-            seq=seq,
+            seq=Sequence(
+                request.rid, list(request.prompt_ids), params, eos_token_ids=self.tokenizer.eos_token_ids
+            ),
             text=TextOutput(self.tokenizer, params.stop, params.skip_special_tokens),
-            generator=make_generator(params, self.config.seed + hash(rid) % (1 << 31)),
+            sampler=RequestSampler(params, generator, request.prompt_ids, self.tokenizer.eos_token_ids),
             emit=emit,
         )
-        with self._pending_lock:
+        with self._admit:
+            if self.failed:
+                self._rejected("engine_failed")
+                raise EngineFailed(f"engine failed: {self.failed}")
+            if self.draining or self._stopping:
+                self._rejected("shutting_down")
+                raise EngineShuttingDown("the server is shutting down; retry on another replica")
+            limit = self.settings.max_queued_requests
+            if self.scheduler.num_waiting + self._pending >= limit:
+                self._rejected("queue_full")
+                raise Overloaded(f"overloaded: {limit} requests already waiting (--max-queued-requests)")
             self._pending += 1
-        self._inbox.put(("add", client))
+            self._inbox.put(("add", client))
         self._wake.set()
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
@@ -173,7 +210,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + self._pending
+        """Requests waiting for admission (the autoscaling signal); 0 once the engine has failed,
+        which answered every one of them."""
+        return 0 if self.failed else self.scheduler.num_waiting + self._pending
+
+    @property
+    def num_running(self) -> int:
+        return 0 if self.failed else self.scheduler.num_running
 
     @property
     def idle(self) -> bool:
@@ -182,50 +225,169 @@ class Engine:
     def health(self, max_silence_s: float = 30.0) -> tuple[bool, str]:
         if self.failed:
             return False, f"engine failed: {self.failed}"
+        if self.draining:
+            return False, "draining: the server is shutting down"
         alive, total = self.executor.ranks_alive()
         if alive < total:
             return False, f"{total - alive} of {total} ranks are down"
         if self._thread is None or not self._thread.is_alive():
             return False, "engine loop is not running"
+        # A long step (a big prefill) is not silence: the watchdog judges steps.
         silence = time.monotonic() - self.heartbeat
-        if silence > max_silence_s:
+        if self._step_started is None and silence > max_silence_s:
             return False, f"engine loop has not stepped for {silence:.0f}s"
         return True, "ok"
 
     def drain(self, timeout_s: float) -> bool:
-        """Stop taking requests and wait for the running ones to finish; True if all finished."""
-        self.draining = True
+        """Stop taking requests (503 from now on), wait up to `timeout_s` for the running and waiting
+        ones to finish, then cut what is left (an `EngineShuttingDown` event each: a JSON 503, or a
+        stream's last event). True when nothing had to be cut."""
+        with self._admit:
+            self.draining = True
         deadline = time.monotonic() + timeout_s
-        while not self.idle and time.monotonic() < deadline and not self.failed:
+        while not self.idle and not self.failed and time.monotonic() < deadline:
             time.sleep(0.05)
-        return self.idle
+        if self.idle or self.failed:
+            return not self.failed
+        cut = EngineShuttingDown(
+            f"the server shut down before this request finished (--drain-timeout {timeout_s:g}s); retry it"
+        )
+        self._inbox.put(("cut", cut))
+        self._wake.set()
+        # One step at most: the loop cuts between steps.
+        end = time.monotonic() + max(5.0, self.settings.watchdog_timeout)
+        while not self.idle and not self.failed and time.monotonic() < end:
+            time.sleep(0.02)
+        return False
 
     def stop(self) -> None:
+        """End the loop and the group. A failed engine's group is not asked to stop (a rank may hang
+        in a collective): its processes are killed."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
-        self.executor.shutdown()
+            self._thread.join(timeout=1.0 if self.failed else 10.0)
+        stuck = self._thread is not None and self._thread.is_alive()
+        self.executor.shutdown(graceful=not (self.failed or stuck))
+
+    def fail(self, reason: str) -> None:
+        """The group cannot step any more: answer every request with `EngineFailed(reason)` now,
+        refuse new ones, and tell the server (`on_failure`). Any thread; once."""
+        if self._stopping and not self.failed:
+            return  # ranks going away during a deliberate stop are not a failure
+        locked = self._lock.acquire(timeout=FAIL_LOCK_TIMEOUT_S)
+        try:
+            with self._admit:
+                if self.failed:
+                    return
+                self.failed = reason
+                waiting = self._take_inbox()
+                self._pending = 0
+            log.error("engine failed: %s", reason)
+            error = EngineFailed(f"engine failed: {reason}")
+            for client in [*waiting, *list(self._clients.values())]:
+                self._emit(client, [], "", finished=True, finish_reason="abort", error=error)
+                if self.metrics:
+                    self.metrics.requests_total.labels(self.metrics.model_name, "abort").inc()
+            self._clients.clear()
+            self._update_gauges()
+        finally:
+            if locked:
+                self._lock.release()
+        self._wake.set()
+        for callback in self._failure_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("an engine failure callback failed")
+
+    def _take_inbox(self) -> list[_Client]:
+        """Requests submitted but not yet picked up by the loop (the inbox emptied)."""
+        out = []
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return out
+            if kind == "add":
+                assert isinstance(item, _Client)
+                out.append(item)
 
     # ---- the loop (engine thread) ---------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            while not self._stopping:
-                self.heartbeat = time.monotonic()
-                self._drain_inbox()
-                step = self.scheduler.schedule()
-                self._update_gauges()
-                if step.empty:
-                    self._wake.wait(0.25)
-                    self._wake.clear()
-                    continue
-                self._run(step)
-                self.steps += 1
+            while True:
+                with self._lock:
+                    if self._stopping or self.failed:
+                        return
+                    self.heartbeat = time.monotonic()
+                    self._drain_inbox()
+                    self._expire_waiting()
+                    step = self.scheduler.schedule()
+                    self._update_gauges()
+                    if not step.empty:
+                        self._run(step)  # the lock is released while the executor runs it
+                        self.steps += 1
+                        continue
+                self._wake.wait(0.25)
+                self._wake.clear()
+        except _Halted:
+            return  # `fail` answered everyone while the step was out
         except Exception as exc:  # a dead rank surfaces here as a collective error
+            # The exception's text can hold internal paths and peer addresses (gloo's): it goes to
+            # the log; clients get the ranks the launcher sees down, or the exception's type.
             log.exception("engine loop failed")
-            self.failed = f"{type(exc).__name__}: {exc}"
-            for client in list(self._clients.values()):
-                self._finish(client, "abort", error=self.failed)
+            self.fail(
+                self.executor.diagnose() or f"a model step failed ({type(exc).__name__}); see the server log"
+            )
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        """One step through the executor, without the lock (the watchdog may `fail` meanwhile)."""
+        self._step_started = time.monotonic()
+        self._lock.release()
+        try:
+            return self.executor.execute(plan)
+        finally:
+            self._lock.acquire()
+            self._step_started = None
+            if self.failed:
+                raise _Halted
+
+    def _watch(self) -> None:
+        """The watchdog thread: a rank the launcher sees down, or a step older than
+        --watchdog-timeout, fails the engine (the loop itself may be stuck in that step)."""
+        limit = self.settings.watchdog_timeout
+        while not (self._stopping or self.failed):
+            time.sleep(WATCH_INTERVAL_S)
+            if self._stopping or self.failed:
+                return
+            alive, total = self.executor.ranks_alive()
+            if alive < total:
+                self.fail(self.executor.diagnose() or f"{total - alive} of {total} ranks are down")
+                return
+            started = self._step_started
+            if started is not None and time.monotonic() - started > limit:
+                detail = self.executor.diagnose()
+                self.fail(
+                    f"a step did not finish within --watchdog-timeout {limit:g}s"
+                    + (f": {detail}" if detail else "")
+                )
+                return
+
+    def _expire_waiting(self) -> None:
+        """Refuse requests that waited for admission longer than --queue-timeout."""
+        limit = self.settings.queue_timeout
+        if limit is None:
+            return
+        now = time.monotonic()
+        for seq in [s for s in self.scheduler.waiting if now - s.arrival > limit]:
+            client = self._clients.get(seq.rid)
+            if client is not None:
+                self._rejected("queue_timeout")
+                error = QueueTimeout(
+                    f"overloaded: waited {limit:g}s without being scheduled (--queue-timeout)"
+                )
+                self._finish(client, "abort", error=error)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -235,7 +397,7 @@ class Engine:
                 return
             if kind == "add":
                 assert isinstance(item, _Client)
-                with self._pending_lock:
+                with self._admit:
                     self._pending -= 1
                 self._clients[item.seq.rid] = item
                 self.scheduler.add(item.seq)
@@ -243,35 +405,85 @@ class Engine:
                 client = self._clients.get(str(item))
                 if client is not None:
                     self._finish(client, "abort")
+            elif kind == "cut":
+                assert isinstance(item, EngineError)
+                for client in list(self._clients.values()):
+                    self._finish(client, "abort", error=item)
 
     def _update_gauges(self) -> None:
         m = self.metrics
         if m is None:
             return
         m.num_queue_reqs.set(self.num_waiting)
-        m.num_running_reqs.set(self.scheduler.num_running)
+        m.num_running_reqs.set(self.num_running)
         m.kv_cache_usage_ratio.set(self.scheduler.cache.page_usage)
         m.linear_state_slots_used.set(self.scheduler.cache.slots_used)
+        radix = self.scheduler.cache.radix
+        if radix is not None:
+            m.prefix_cache_pages.set(radix.cached_pages)
+            m.prefix_cache_snapshots.set(radix.cached_snapshots)
+            pages, snaps = self._evicted
+            m.prefix_cache_evicted_pages.inc(radix.evicted_pages - pages)
+            m.prefix_cache_evicted_snapshots.inc(radix.evicted_snapshots - snaps)
+            self._evicted = (radix.evicted_pages, radix.evicted_snapshots)
         alive, _ = self.executor.ranks_alive()
         m.ranks_alive.set(alive)
 
+    def _count_admitted(self, step: Step) -> None:
+        """Prompt tokens of newly admitted requests that the prefix cache serves (metrics)."""
+        for seq in step.admitted:
+            self._admitted_prompt_tokens += len(seq.prompt_ids)
+            self._cached_prompt_tokens += seq.cached_tokens
+            if self.metrics and seq.cached_tokens:
+                self.metrics.prompt_tokens.inc(seq.cached_tokens)
+                self.metrics.cached_prompt_tokens.inc(seq.cached_tokens)
+        if self.metrics and step.admitted and self.scheduler.cache.radix is not None:
+            rate = self._cached_prompt_tokens / max(1, self._admitted_prompt_tokens)
+            self.metrics.prefix_cache_hit_rate.set(rate)
+
     def _run(self, step: Step) -> None:
-        k = self.config.num_draft_steps
+        k = self.settings.num_draft_steps
+        self._count_admitted(step)
         works: list[SeqWork] = []
         for chunk in step.prefill:
             client = self._clients[chunk.seq.rid]
             works.append(
                 self._work(
-                    client, chunk.start, chunk.seq.prompt_ids[chunk.start : chunk.end], 0, int(chunk.last)
+                    client,
+                    chunk.start,
+                    chunk.seq.prompt_ids[chunk.start : chunk.end],
+                    0,
+                    int(chunk.last),
+                    restore=chunk.restore,
+                    snapshots=tuple((b - chunk.start, sid) for b, sid in chunk.snapshots),
                 )
             )
-        for seq in step.decode:
+        for seq, snaps in zip(step.decode, step.decode_snapshots, strict=True):
             client = self._clients[seq.rid]
             last = len(seq.all_ids) - 1
+            # Snapshots of a plain decode: after this step's token; under MTP: after positions of
+            # the previous verify (copied out before its commit).
+            start = seq.verify_start if k and seq.verify_start is not None else last
+            cuts = tuple((b - start, sid) for b, sid in snaps)
             works.append(
-                self._work(client, last, [seq.all_ids[-1]], k, k + 1, device_temperature(seq.params))
+                self._work(
+                    client,
+                    last,
+                    [seq.all_ids[-1]],
+                    k,
+                    k + 1,
+                    device_temperature(seq.params),
+                    snapshots=() if k else cuts,
+                    commit_snapshots=cuts if k else (),
+                )
             )
-        result = self.executor.execute(StepPlan(seqs=tuple(works)))
+        result = self._execute(StepPlan(seqs=tuple(works)))
+        # The prefix cache's bookkeeping before any result can finish a sequence: what the MTP
+        # layer has now written, the snapshots now taken, the blocks now complete.
+        for w, seq in zip(works, [c.seq for c in step.prefill] + list(step.decode), strict=True):
+            if w.mtp_next_tokens:
+                seq.mtp_done = max(seq.mtp_done, w.mtp_start + len(w.mtp_next_tokens))
+        self.scheduler.step_done(step)
         now = time.monotonic()
         for chunk, res in zip(step.prefill, result.seqs[: len(step.prefill)], strict=True):
             client = self._clients[chunk.seq.rid]
@@ -280,7 +492,7 @@ class Engine:
             if self.metrics:
                 self.metrics.prompt_tokens.inc(chunk.end - chunk.start)
             if chunk.last:
-                token = sample_row(res.logits[-1], seq.params, client.generator)
+                token = client.sampler.sample(res.logits[-1])
                 self._append(client, [token], now)
             if k and seq.status.value != "finished":
                 client.mtp_start = chunk.start
@@ -292,7 +504,7 @@ class Engine:
                 if res.tokens is not None:  # sampled on the device (a graph replay)
                     token = SampledToken(res.tokens[-1])
                 else:
-                    token = sample_row(res.logits[-1], seq.params, client.generator)
+                    token = client.sampler.sample(res.logits[-1])
                 seq.num_computed = position + 1
                 self._append(client, [token], now)
                 continue
@@ -309,6 +521,9 @@ class Engine:
         drafts: int,
         logits: int,
         temperature: float | None = None,
+        restore: int | None = None,
+        snapshots: tuple[tuple[int, int], ...] = (),
+        commit_snapshots: tuple[tuple[int, int], ...] = (),
     ) -> SeqWork:
         seq = client.seq
         assert seq.allocation is not None
@@ -324,6 +539,9 @@ class Engine:
             mtp_next_tokens=client.mtp_next,
             logits=logits,
             temperature=temperature,
+            restore=restore,
+            snapshots=snapshots,
+            commit_snapshots=commit_snapshots,
         )
         client.commit = None
         client.mtp_next = ()
@@ -338,7 +556,7 @@ class Engine:
         seq = client.seq
         emitted: list[SampledToken] = []
         for j in range(len(drafts) + 1):
-            token = sample_row(logits[j], seq.params, client.generator)
+            token = client.sampler.sample(logits[j])
             emitted.append(token)
             if (
                 seq.token_finishes(token.token_id)
@@ -374,6 +592,7 @@ class Engine:
             self.metrics.spec_accepted_tokens.inc(accepted)
             self.metrics.spec_accept_length.observe(len(emitted))
         seq.num_computed = position + len(emitted)
+        seq.verify_start = position  # the prefix cache snapshots its boundaries at the next step
         client.commit = len(emitted)
         client.mtp_start = position
         self._append(client, emitted, now)
@@ -411,18 +630,21 @@ class Engine:
 
     def _emit(self, client: _Client, tokens: list[SampledToken], text: str, **extra) -> None:
         seq = client.seq
-        client.emit(
-            TokenEvent(
-                token_ids=[t.token_id for t in tokens],
-                text=text,
-                logprobs=tokens if seq.params.logprobs else [],
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output),
-                spec_verify_steps=client.verify_steps,
-                spec_accepted=client.accepted,
-                **extra,
-            )
+        event = TokenEvent(
+            token_ids=[t.token_id for t in tokens],
+            text=text,
+            logprobs=tokens if seq.params.logprobs else [],
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output),
+            cached_tokens=seq.cached_tokens,
+            spec_verify_steps=client.verify_steps,
+            spec_accepted=client.accepted,
+            **extra,
         )
+        try:
+            client.emit(event)
+        except Exception:  # a receiver's failure must not take the loop (and every request) down
+            log.warning("request %s: its receiver failed; event dropped", seq.rid, exc_info=True)
 
     def _finish(
         self,
@@ -430,7 +652,7 @@ class Engine:
         reason: str,
         new_tokens: list[SampledToken] | None = None,
         text: str = "",
-        error: str | None = None,
+        error: EngineError | None = None,
     ) -> None:
         seq = client.seq
         self.scheduler.finish(seq, reason)
@@ -461,26 +683,12 @@ class Engine:
 def device_temperature(params: SamplingParams) -> float | None:
     """The temperature the runner may sample with on the device (0.0: greedy), or None when the
     request needs the host sampler: a seed (reproducible per request), top-k / top-p filtering,
-    or logprobs (which read the logits anyway)."""
-    if params.logprobs:
+    logprobs (which read the logits anyway), or logits adjusted per request (penalties, logit bias,
+    min-p, min_new_tokens, a grammar)."""
+    if params.logprobs or params.needs_host_sampling:
         return None
     if params.greedy:
         return 0.0
     if params.seed is not None or params.top_p < 1.0 or params.top_k != -1:
         return None
     return float(params.temperature)
-
-
-class ContextLengthError(ValueError):
-    """The prompt plus max_tokens exceed the context length (HTTP 400, code context_length_exceeded)."""
-
-
-def asyncio_emitter(
-    loop: asyncio.AbstractEventLoop, q: asyncio.Queue[TokenEvent]
-) -> Callable[[TokenEvent], None]:
-    """An `emit` callback that hands events from the engine thread to an asyncio queue."""
-
-    def emit(event: TokenEvent) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, event)
-
-    return emit

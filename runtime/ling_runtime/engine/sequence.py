@@ -33,6 +33,15 @@ class Sequence:
     last_token_time: float | None = None
     # Speculative decoding: draft tokens proposed for the next verify step.
     draft_ids: list[int] = field(default_factory=list)
+    # ---- prefix cache (engine/radix_cache.py) ----
+    cached_tokens: int = 0  # prompt tokens served from the cache at admission (usage, metrics)
+    snap_mark: int = 0  # snapshot boundaries at or below this position are planned
+    # Boundary position -> snapshot id, taken by an executed step, not yet handed to the tree.
+    snapshots: dict[int, int] = field(default_factory=dict)
+    # MTP: positions [0, mtp_done) hold the MTP layer's latent KV for their true next token (the
+    # draft-extend of the step after they were computed); only such blocks go into the tree.
+    mtp_done: int = 0
+    verify_start: int | None = None  # MTP: first position of the last verify pass
 
     @property
     def output_ids(self) -> list[int]:

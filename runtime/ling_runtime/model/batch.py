@@ -8,6 +8,10 @@ every position for ``LingCache.commit_linear_state``; only sequences of at most 
 absolute position p of sequence b lives in page ``block_tables[b, p // page_size]`` at row
 ``p % page_size``; ``block_tables`` must cover positions ``[0, prefix_lens[b] + seq_lens[b])``.
 
+``snapshots`` (row, n, id): the Lightning layers save sequence ``row``'s state after its first ``n``
+tokens of this step (0 < n < its length) into ``LingCache.snapshot_state[:, id]`` (the prefix
+cache; a state after a whole row is the slot's state after the step and is copied by the caller).
+
 ``graph_safe`` marks a CUDA-graph body's batch (engine/cuda_graphs.py, engine/spec_graphs.py): every
 sequence has ``seq_lens[0]`` tokens, the host lists are placeholders (prefix 1: nobody is new), and
 the layers must read lengths from the device ``positions`` only. A graph-safe batch of more than one
@@ -34,10 +38,12 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [B, max_pages] int64: MLA latent pages per sequence
     keep_linear_states: bool = False
     graph_safe: bool = False
+    snapshots: tuple[tuple[int, int, int], ...] = ()  # (row, n, snapshot id), see the module doc
     cu_seqlens: torch.Tensor = field(init=False)  # [B+1] int64
     # Host copies, so per-sequence loops never synchronise with the device.
     offsets: list[int] = field(init=False)  # cu_seqlens as a list
     slots: list[int] = field(init=False)  # state_slots as a list
+    _subs: dict = field(init=False, default_factory=dict, repr=False)  # select()'s, per row set
 
     def __post_init__(self) -> None:
         b = len(self.seq_lens)
@@ -61,6 +67,11 @@ class ForwardBatch:
             raise ValueError(
                 f"block_tables: expected shape [{b}, max_pages], got {list(self.block_tables.shape)}"
             )
+        for row, n, sid in self.snapshots:
+            if not (0 <= row < b and 0 < n < self.seq_lens[row]) or sid < 0:
+                raise ValueError(
+                    f"snapshots: (row {row}, n {n}, id {sid}) must name a row and a position inside it"
+                )
         lens = torch.tensor([0, *self.seq_lens], dtype=torch.int64)
         cu = torch.cumsum(lens, 0)
         self.offsets = cu.tolist()
@@ -80,6 +91,37 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def decode_rows(self) -> list[int]:
+        """Rows of one token in a mixed batch (decode steps riding along prefill chunks), which the
+        plain-torch layers run as one batched decode; none in a verify batch (its one-token rows
+        keep per-position states) or a graph body."""
+        if self.keep_linear_states or self.graph_safe or self.is_decode:
+            return []
+        return [b for b, n in enumerate(self.seq_lens) if n == 1]
+
+    def select(self, rows: list[int]) -> tuple[ForwardBatch, torch.Tensor]:
+        """The sub-batch of one-token ``rows`` and the flat token index of each (snapshots dropped:
+        one-token rows have no mid-row cut). Built once per batch (every layer asks)."""
+        key = tuple(rows)
+        if key in self._subs:
+            return self._subs[key]
+        idx = torch.tensor([self.offsets[b] for b in rows], dtype=torch.int64, device=self.input_ids.device)
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.state_slots.device)
+        sub = ForwardBatch(
+            input_ids=self.input_ids[idx],
+            positions=self.positions[idx],
+            seq_lens=[1] * len(rows),
+            prefix_lens=[self.prefix_lens[b] for b in rows],
+            state_slots=self.state_slots[rows_t],
+            block_tables=self.block_tables[rows_t.to(self.block_tables.device)],
+        )
+        self._subs[key] = (sub, idx)
+        return sub, idx
+
+    def snapshot_cuts(self, row: int) -> list[tuple[int, int]]:
+        """(n, snapshot id) of ``row``, by position: where its Lightning state is saved mid-row."""
+        return sorted((n, sid) for r, n, sid in self.snapshots if r == row)
+
     def last_token_indices(self) -> torch.Tensor:
         """Row of each sequence's last token in the flat layout (where its next-token logits come from)."""
         return self.cu_seqlens[1:] - 1
@@ -95,6 +137,7 @@ class ForwardBatch:
             block_tables=self.block_tables.to(device),
             keep_linear_states=self.keep_linear_states,
             graph_safe=self.graph_safe,
+            snapshots=self.snapshots,
         )
 
     @classmethod
@@ -106,6 +149,7 @@ class ForwardBatch:
         block_tables: torch.Tensor | Sequence[Sequence[int]],
         keep_linear_states: bool = False,
         device: torch.device | str | None = None,
+        snapshots: Sequence[tuple[int, int, int]] = (),
     ) -> ForwardBatch:
         """Build from per-sequence token lists; positions continue after each prefix."""
         seq_lens = [len(t) for t in tokens]
@@ -128,4 +172,5 @@ class ForwardBatch:
             state_slots=torch.tensor(list(state_slots), dtype=torch.int64, device=device),
             block_tables=block_tables.to(device=device, dtype=torch.int64),
             keep_linear_states=keep_linear_states,
+            snapshots=tuple(snapshots),
         )

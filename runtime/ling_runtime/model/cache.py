@@ -6,6 +6,8 @@
   in the model dtype: ``[c_kv ‖ k_pe]`` per token, replicated on every TP rank.
 - For speculative verify, ``spec_linear_state[num_linear_layers, num_slots, max_spec_tokens, H/tp, D, D]``
   holds the state after every verified position so ``commit_linear_state`` can roll back.
+- For the prefix cache, ``snapshot_state[num_linear_layers, num_snapshots, H/tp, D, D]`` holds saved
+  linear states (a sequence's state at a block boundary) that later sequences restore into their slot.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LingCache:
         dtype: torch.dtype = torch.float32,
         include_mtp: bool = False,
         max_spec_tokens: int = 0,
+        num_snapshots: int = 0,
     ) -> None:
         for name, value in (("num_slots", num_slots), ("num_pages", num_pages), ("page_size", page_size)):
             if value < 1:
@@ -54,11 +57,45 @@ class LingCache:
             if max_spec_tokens > 0
             else None
         )
+        self.num_snapshots = num_snapshots
+        self.snapshot_state = (
+            torch.zeros(n_lin, num_snapshots, heads, d, d, dtype=torch.float32, device=device)
+            if num_snapshots > 0
+            else None
+        )
 
     def reset_slots(self, slots: Sequence[int] | torch.Tensor) -> None:
         """Zero the linear-attention state of ``slots`` (a new sequence starts from zero state)."""
         idx = torch.as_tensor(slots, dtype=torch.int64, device=self.linear_state.device)
         self.linear_state[:, idx] = 0
+
+    # ---- prefix-cache snapshots -------------------------------------------------------------------
+    def _snapshots(self) -> torch.Tensor:
+        if self.snapshot_state is None:
+            raise ValueError("num_snapshots: the cache was built without snapshot buffers (need > 0)")
+        return self.snapshot_state
+
+    def _index(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(ids), dtype=torch.int64, device=self.linear_state.device)
+
+    def save_snapshots(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:
+        """``snapshot_state[:, snapshots[i]] = linear_state[:, slots[i]]`` (the states after a step)."""
+        self._snapshots()[:, self._index(snapshots)] = self.linear_state[:, self._index(slots)]
+
+    def restore_snapshots(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:
+        """``linear_state[:, slots[i]] = snapshot_state[:, snapshots[i]]``: the slots resume there."""
+        self.linear_state[:, self._index(slots)] = self._snapshots()[:, self._index(snapshots)]
+
+    def save_verify_snapshots(
+        self, rows: Sequence[int], counts: Sequence[int], snapshots: Sequence[int]
+    ) -> None:
+        """Save the state after the first ``counts[i]`` positions of the last verify pass, kept in
+        ``spec_linear_state[:, rows[i]]`` (row = the slot for an eager verify, the batch row for a
+        graphed one)."""
+        if self.spec_linear_state is None:
+            raise ValueError("max_spec_tokens: the cache was built without speculative state buffers")
+        positions = self._index([c - 1 for c in counts])
+        self._snapshots()[:, self._index(snapshots)] = self.spec_linear_state[:, self._index(rows), positions]
 
     def commit_linear_state(
         self, slots: Sequence[int] | torch.Tensor, accepted_len: Sequence[int] | torch.Tensor

@@ -7,41 +7,18 @@ Prefill runs Lightning-Attention-2 chunks over a carried state; decode is one re
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import TPGroup
+from ling_runtime.kernels.slopes import lightning_slopes
 from ling_runtime.loader import Piece
 from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache, scatter_slot_rows
 from ling_runtime.model.linear import ColumnParallelLinear, PiecesLinear, RowParallelLinear
 from ling_runtime.model.norms import GroupRMSNorm, RMSNorm, rms_norm_reference
+from ling_runtime.model.parallel import TPGroup
 from ling_runtime.model.rope import apply_rope_neox, rope_cos_sin, rope_inv_freq, step_cached
-
-
-def alibi_base_slopes(num_heads: int) -> list[float]:
-    """ALiBi head slopes ``2^(-8(h+1)/H)``; non-power-of-two H interleaves the next power (as ALiBi)."""
-
-    def pow2(n: int) -> list[float]:
-        return [2 ** (-(2 ** -(math.log2(n) - 3)) * (i + 1)) for i in range(n)]
-
-    if math.log2(num_heads).is_integer():
-        return pow2(num_heads)
-    p = 2 ** math.floor(math.log2(num_heads))
-    return pow2(p) + pow2(2 * p)[::2][: num_heads - p]
-
-
-def lightning_slopes(num_heads: int, layer_id: int, num_layers: int) -> torch.Tensor:
-    """Decay rates ``s_h`` [H] (float32) of layer ``layer_id``: ALiBi base times ``1 - l/(L-1) + 1e-5``.
-
-    The layer factor is the vLLM / SGLang-CUDA / mlx-lm one (absolute layer index l); the HF remote
-    code and sglang-jax use ``l-1`` instead (see docs/model.md).
-    """
-    factor = 1 - layer_id / max(1, num_layers - 1) + 1e-5
-    return torch.tensor(alibi_base_slopes(num_heads), dtype=torch.float32) * factor
 
 
 def lightning_attention_reference(
@@ -209,11 +186,19 @@ class LightningAttention(nn.Module):
             out = self._verify_rows(q, k, v, batch, cache)
         else:
             out = torch.empty_like(v)
+            singles = batch.decode_rows()
+            if len(singles) > 1:  # decode rows of a mixed batch: one batched step, not one each
+                sub, idx = batch.select(singles)
+                out[idx] = self._decode(q[idx], k[idx], v[idx], sub, cache)
+            skip = set(singles) if len(singles) > 1 else set()
             for b in range(batch.batch_size):
+                if b in skip:
+                    continue
                 lo, hi = batch.offsets[b], batch.offsets[b + 1]
                 out[lo:hi] = self._sequence(
-                    q[lo:hi], k[lo:hi], v[lo:hi], batch.slots[b], batch.prefix_lens[b] == 0, batch, cache
-                )
+                    q[lo:hi], k[lo:hi], v[lo:hi], batch.slots[b], batch.prefix_lens[b] == 0, batch, cache,
+                    batch.snapshot_cuts(b) if batch.snapshots else [],
+                )  # fmt: skip
         o = out.reshape(x.shape[0], -1)
         gate = torch.sigmoid(self.g_proj(x).float())
         o = (self.g_norm(o).float() * gate).to(x.dtype)
@@ -264,8 +249,10 @@ class LightningAttention(nn.Module):
         fresh: bool,
         batch: ForwardBatch,
         cache: LingCache,
+        cuts: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """One sequence's chunk (prefill, extend or verify) over its slot's carried state."""
+        """One sequence's chunk (prefill, extend or verify) over its slot's carried state; ``cuts``
+        (n, id): save the state after the first n tokens into prefix-cache snapshot id."""
         li = self.linear_index
         state = cache.linear_state[li, slot]
         if fresh:
@@ -278,6 +265,20 @@ class LightningAttention(nn.Module):
             o, states = lightning_recurrent_reference(q, k, v, self.slopes, state)
             cache.spec_linear_state[li, slot, :n] = states
             new_state = states[-1]
+        elif cuts:
+            # The same chunks as one call when every cut is on the chunk grid (the scheduler's
+            # chunks start on it and snapshots sit on multiples of it): the same arithmetic.
+            assert cache.snapshot_state is not None
+            outs, lo = [], 0
+            for cut, sid in [*cuts, (n, -1)]:
+                o, state = lightning_attention_reference(
+                    q[lo:cut], k[lo:cut], v[lo:cut], self.slopes, state, self.chunk_size
+                )
+                outs.append(o)
+                if sid >= 0:
+                    cache.snapshot_state[li, sid] = state
+                lo = cut
+            o, new_state = torch.cat(outs), state
         else:
             o, new_state = lightning_attention_reference(q, k, v, self.slopes, state, self.chunk_size)
         cache.linear_state[li, slot] = new_state
@@ -293,6 +294,14 @@ class LightningAttention(nn.Module):
             return "decode"
         if batch.graph_safe:
             return "verify_rows"
+        if batch.snapshots:
+            # Prefix-cache snapshots mid-row come from the prefill kernel's chunk states, so each
+            # must sit on its row's chunk grid; otherwise (and with verifies) the reference cuts.
+            from ling_runtime.kernels.lightning_chunk import prefill_config
+
+            grid = prefill_config(batch.num_tokens, batch.batch_size).chunk
+            aligned = all(n % grid == 0 for _, n, _ in batch.snapshots)
+            return "prefill" if aligned and not batch.keep_linear_states else None
         if not batch.keep_linear_states:
             return "prefill"
         n = batch.seq_lens[0]
@@ -361,11 +370,14 @@ class LightningAttention(nn.Module):
             has_initial = torch.tensor(
                 [int(p > 0) for p in batch.prefix_lens], dtype=torch.int32, device=x.device
             )
-            # No chunk/block arguments: the kernel's _DISPATCH picks them by average prompt length
-            # (measured on the H200; blocks clamped to the head dim).
-            out = K.lightning_prefill_chunked(
-                q, k, v, pool, slots, batch.cu_seqlens.to(torch.int32), has_initial, self.slopes, scale
-            )  # fmt: skip
+            if batch.snapshots:
+                out = self._prefill_snapshots(q, k, v, pool, batch, has_initial, scale, cache)
+            else:
+                # No chunk/block arguments: the kernel's _DISPATCH picks them by average prompt
+                # length (measured on the H200; blocks clamped to the head dim).
+                out = K.lightning_prefill_chunked(
+                    q, k, v, pool, slots, batch.cu_seqlens.to(torch.int32), has_initial, self.slopes, scale
+                )  # fmt: skip
         o = out.reshape(t, -1)
         gate = self.g_proj(x)
         group = o.shape[1] // self.g_norm.groups
@@ -374,6 +386,46 @@ class LightningAttention(nn.Module):
         else:
             y = (self.g_norm(o).float() * torch.sigmoid(gate.float())).to(x.dtype)
         return self.dense(y.to(x.dtype))
+
+    def _prefill_snapshots(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool: torch.Tensor,
+        batch: ForwardBatch,
+        has_initial: torch.Tensor,
+        scale: float,
+        cache: LingCache,
+    ) -> torch.Tensor:
+        """``lightning_prefill_chunked``'s two launches, keeping the prefix-cache snapshots: the
+        first stage stores the state entering every chunk (here in fp32, as the slot's state), so a
+        snapshot after n tokens of a row is its chunk n / C's entering state, copied out between."""
+        from dataclasses import replace
+
+        from ling_runtime.kernels.lightning_chunk import chunk_outputs, chunk_states, prefill_config
+
+        d = self.head_dim
+        cfg = prefill_config(batch.num_tokens, batch.batch_size)
+        cfg = replace(
+            cfg,
+            block_k=min(cfg.block_k, d),
+            block_v=min(cfg.block_v, d),
+            block_v_out=min(cfg.block_v_out, d),
+            fp32_states=True,
+        )
+        cu = batch.cu_seqlens.to(torch.int32)
+        h = chunk_states(k, v, pool, batch.state_slots, cu, has_initial, self.slopes, cfg)
+        first, starts = 0, []
+        for n in batch.seq_lens:  # chunks never straddle rows: ceil(len / C) chunks per row
+            starts.append(first)
+            first += -(-n // cfg.chunk)
+        rows = [starts[row] + n // cfg.chunk for row, n, _ in batch.snapshots]
+        assert cache.snapshot_state is not None
+        ids = torch.tensor([sid for _, _, sid in batch.snapshots], dtype=torch.int64, device=q.device)
+        cache.snapshot_state[self.linear_index, ids] = h[torch.tensor(rows, device=q.device)].float()
+        out = torch.empty_like(q)
+        return chunk_outputs(q, k, v, h, cu, batch.batch_size, self.slopes, scale, out, cfg)
 
 
 def _pow2(n: int) -> bool:

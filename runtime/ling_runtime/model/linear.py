@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.loader import CheckpointError, Piece, shard, whole
+from ling_runtime.model.parallel import TPGroup
 
 FP8 = torch.float8_e4m3fn
 # MLA reads kv_b_proj as W_UK / W_UV matrices (absorbed decode), never through forward().
@@ -145,22 +145,6 @@ def dequantize(
 ) -> torch.Tensor:
     """FP8 ``w [..., N, K]`` x block scales -> ``dtype``."""
     return (w.float() * expand_scale(scale, block, w.shape[-2], w.shape[-1])).to(dtype)
-
-
-@torch.no_grad()
-def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [..., N, K]`` -> (fp8 e4m3 ``[..., N, K]``, fp32 scales ``[..., ceil(N/bn), ceil(K/bk)]``)
-    with ``w ~= q * scale`` per block (amax / 448), on w's device; partial last blocks are padded."""
-    *lead, n, k = w.shape
-    br, bc = block
-    nr, nc = -(-n // br), -(-k // bc)
-    x = w.float()
-    if n % br or k % bc:
-        x = F.pad(x, (0, nc * bc - k, 0, nr * br - n))
-    x = x.reshape(*lead, nr, br, nc, bc)
-    scale = x.abs().amax(dim=(-3, -1)).clamp_min(1e-12) / torch.finfo(FP8).max
-    q = (x / scale[..., :, None, :, None]).to(FP8).reshape(*lead, nr * br, nc * bc)
-    return q[..., :n, :k].contiguous(), scale
 
 
 def linear_fp8(

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.loader import LoadReport, load_weights
 from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
@@ -19,6 +18,7 @@ from ling_runtime.model.mlp import DenseMLP
 from ling_runtime.model.moe import SparseMoE, mlp_add_rmsnorm
 from ling_runtime.model.mtp import MTPLayer
 from ling_runtime.model.norms import RMSNorm
+from ling_runtime.model.parallel import TPGroup
 from ling_runtime.model.rope import rope_step_memo
 
 
@@ -175,9 +175,15 @@ class LingForCausalLM(nn.Module):
         return load_weights(self, checkpoint_dir, self.config, load_mtp=self.enable_mtp)
 
     def make_cache(
-        self, num_slots: int, num_pages: int, page_size: int = 16, max_spec_tokens: int = 0
+        self,
+        num_slots: int,
+        num_pages: int,
+        page_size: int = 16,
+        max_spec_tokens: int = 0,
+        num_snapshots: int = 0,
     ) -> LingCache:
-        """A cache shaped for this shard (local heads, model dtype, MTP layer when enabled)."""
+        """A cache shaped for this shard (local heads, model dtype, MTP layer when enabled;
+        ``num_snapshots`` prefix-cache Lightning-state snapshot buffers)."""
         return LingCache(
             self.config,
             num_slots,
@@ -188,6 +194,7 @@ class LingForCausalLM(nn.Module):
             dtype=self.dtype,
             include_mtp=self.enable_mtp,
             max_spec_tokens=max_spec_tokens,
+            num_snapshots=num_snapshots,
         )
 
     @torch.no_grad()

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from ling_runtime.config import LingConfig, yarn_mscale
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
 from ling_runtime.model.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from ling_runtime.model.norms import RMSNorm
+from ling_runtime.model.parallel import TPGroup
 from ling_runtime.model.rope import (
     apply_rope_interleaved,
     apply_rope_interleaved_cis,
@@ -211,7 +211,14 @@ class MLAttention(nn.Module):
             out = self._prefill_kernel(q_nope, q_pe, latent, batch, cache)
         else:
             out = torch.empty(t, self.local_heads, self.vdim, dtype=torch.float32, device=x.device)
+            singles = batch.decode_rows()
+            if len(singles) > 1:  # decode rows of a mixed batch: one batched step, not one each
+                sub, idx = batch.select(singles)
+                out[idx] = self._decode(q_nope[idx], q_pe[idx], latent[idx], w_uk, w_uv, sub, cache).float()
+            skip = set(singles) if len(singles) > 1 else set()
             for b in range(batch.batch_size):
+                if b in skip:
+                    continue
                 lo, hi = batch.offsets[b], batch.offsets[b + 1]
                 pos = batch.positions[lo:hi]
                 table = batch.block_tables[b]

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.model.linear import ColumnParallelLinear, RowParallelLinear
+from ling_runtime.model.parallel import TPGroup
 
 
 def swiglu_reference(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.loader import Piece, shard, whole
 from ling_runtime.model.linear import FP8, dequantize, make_param, make_weight
 from ling_runtime.model.mlp import DenseMLP
+from ling_runtime.model.parallel import TPGroup
 
 
 def moe_route_reference(
@@ -86,6 +86,35 @@ def experts_reference(
     return out
 
 
+def _expert_pieces(
+    prefix: str, h: int, inter: int, tp: TPGroup, experts: range, expert_parallel: bool
+) -> tuple[list[Piece], list[Piece]]:
+    """Checkpoint pieces of the stacked w13 [E_local, 2I_local, H] (gate rows, then up rows) and
+    w2 [E_local, H, I_local] for ``experts``: whole experts under expert parallelism, else every
+    expert's I dimension sharded over the TP ranks."""
+    local_inter = inter if expert_parallel else inter // tp.size
+    w13_pieces: list[Piece] = []
+    w2_pieces: list[Piece] = []
+    for local, e in enumerate(experts):
+        ep = f"{prefix}.experts.{e}"
+        row = slice(local, local + 1)
+        for j, name in enumerate(("gate_proj", "up_proj")):
+            if expert_parallel:
+                src = (slice(0, inter), slice(0, h))
+            else:
+                src = shard(f"{ep}.{name}.weight", (inter, h), 0, tp.rank, tp.size).src
+            dst = (row, slice(j * local_inter, (j + 1) * local_inter), slice(0, h))
+            w13_pieces.append(Piece(f"{ep}.{name}.weight", (inter, h), src, dst))
+        if expert_parallel:
+            src2 = (slice(0, h), slice(0, inter))
+        else:
+            src2 = shard(f"{ep}.down_proj.weight", (h, inter), 1, tp.rank, tp.size).src
+        w2_pieces.append(
+            Piece(f"{ep}.down_proj.weight", (h, inter), src2, (row, slice(0, h), slice(0, local_inter)))
+        )
+    return w13_pieces, w2_pieces
+
+
 class SparseMoE(nn.Module):
     def __init__(
         self,
@@ -114,37 +143,9 @@ class SparseMoE(nn.Module):
         else:
             n_local, local_inter = n, inter // tp.size
             self.first_expert = 0
-        w13_pieces: list[Piece] = []
-        w2_pieces: list[Piece] = []
-        for local in range(n_local):
-            e = self.first_expert + local
-            ep = f"{prefix}.experts.{e}"
-            for j, name in enumerate(("gate_proj", "up_proj")):
-                if expert_parallel:
-                    src = (slice(0, inter), slice(0, h))
-                else:
-                    src = shard(f"{ep}.{name}.weight", (inter, h), 0, tp.rank, tp.size).src
-                w13_pieces.append(
-                    Piece(
-                        f"{ep}.{name}.weight",
-                        (inter, h),
-                        src,
-                        (slice(local, local + 1), slice(j * local_inter, (j + 1) * local_inter), slice(0, h)),
-                    )
-                )
-            src2 = (
-                (slice(0, h), slice(0, inter))
-                if expert_parallel
-                else shard(f"{ep}.down_proj.weight", (h, inter), 1, tp.rank, tp.size).src
-            )
-            w2_pieces.append(
-                Piece(
-                    f"{ep}.down_proj.weight",
-                    (h, inter),
-                    src2,
-                    (slice(local, local + 1), slice(0, h), slice(0, local_inter)),
-                )
-            )
+        w13_pieces, w2_pieces = _expert_pieces(
+            prefix, h, inter, tp, range(self.first_expert, self.first_expert + n_local), expert_parallel
+        )
         make_weight(self, (n_local, 2 * local_inter, h), dtype, device, w13_pieces, name="w13")
         make_weight(self, (n_local, h, local_inter), dtype, device, w2_pieces, name="w2")
         self.fp8_block: tuple[int, int] | None = getattr(self.w13, "fp8_block", None)
@@ -253,7 +254,7 @@ class SparseMoE(nn.Module):
     def _forward_kernels(self, x: torch.Tensor, partials: bool = False) -> torch.Tensor:
         # The kernels are looked up on the package at each call (tests wrap them there to count calls).
         from ling_runtime.kernels import fused_moe, moe_route
-        from ling_runtime.kernels.moe import GROUPED_FROM, GROUPED_FROM_FP8, router_logits
+        from ling_runtime.kernels.moe import moe_config, router_logits
 
         c = self.cfg
         w13, w2, *scales = self.stacked_weights()
@@ -272,20 +273,20 @@ class SparseMoE(nn.Module):
         inter = w2.shape[2]
         # The FP8 kernels need gate and up rows in separate 128-blocks (I/tp a multiple of 128).
         fp8 = bool(scales) and self.fp8_block == (128, 128) and inter % 128 == 0
+        cfg = moe_config(x.shape[0], inter, x.shape[1], 128 if fp8 else 0)
         # Un-reduced partials only from the decode kernels (the grouped prefill GEMM reduces itself)
         # and only at TP 1 (TP all-reduces the summed output first).
-        raw = partials and self.tp.size == 1 and x.shape[0] < (GROUPED_FROM_FP8 if fp8 else GROUPED_FROM)
+        raw = partials and self.tp.size == 1 and cfg.path == "decode"
         if fp8:
-            sc = {"w13_scale": scales[0], "w2_scale": scales[1]}
-            out = fused_moe(x.contiguous(), w13, w2, ids, weights, reduce=not raw, **sc)
+            out = fused_moe(x.contiguous(), w13, w2, ids, weights, *scales, config=cfg, reduce=not raw)
         elif scales:
             # No FP8 grouped kernel for this block (or yet): the bf16 kernel on dequantized experts.
             assert self.fp8_block is not None
             w13d = dequantize(w13, scales[0], self.fp8_block, x.dtype)
             w2d = dequantize(w2, scales[1], self.fp8_block, x.dtype)
-            out = fused_moe(x.contiguous(), w13d, w2d, ids, weights, reduce=not raw)
+            out = fused_moe(x.contiguous(), w13d, w2d, ids, weights, config=cfg, reduce=not raw)
         else:
-            out = fused_moe(x.contiguous(), w13, w2, ids, weights, reduce=not raw)
+            out = fused_moe(x.contiguous(), w13, w2, ids, weights, config=cfg, reduce=not raw)
         return self.tp.all_reduce(out.float()).to(x.dtype) if self.tp.size > 1 else out
 
 

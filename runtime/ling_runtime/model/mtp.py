@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from ling_runtime.config import LingConfig
-from ling_runtime.distributed.parallel import TPGroup
 from ling_runtime.model.batch import ForwardBatch
 from ling_runtime.model.cache import LingCache
 from ling_runtime.model.linear import ReplicatedLinear
 from ling_runtime.model.mla import MLAttention
 from ling_runtime.model.moe import SparseMoE, mlp_add_rmsnorm
 from ling_runtime.model.norms import RMSNorm
+from ling_runtime.model.parallel import TPGroup
 
 
 class MTPLayer(nn.Module):

@@ -24,6 +24,11 @@ class SeqWork:
     - `temperature`: not None when the runner may sample this sequence on the device (0: greedy,
       else plain temperature: no seed, top-k, top-p or logprobs) and hand back token ids instead of
       logits; a graphed MTP verify then also accepts its drafts on the device.
+    - Prefix cache: `restore` loads that Lightning-state snapshot into the slot before anything else
+      (the sequence resumes at `start` from a cached prefix; its MLA pages are in `pages`);
+      `snapshots` (n, id) save the state after the first n of `tokens` into snapshot buffer id;
+      `commit_snapshots` (j, id) save the state after the first j tokens of the previous verify pass
+      (copied out before `commit` rolls the slot back).
     """
 
     slot: int
@@ -37,6 +42,9 @@ class SeqWork:
     mtp_next_tokens: tuple[int, ...] = ()
     logits: int = 1
     temperature: float | None = None
+    restore: int | None = None
+    snapshots: tuple[tuple[int, int], ...] = ()
+    commit_snapshots: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,24 @@ class RuntimeMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between output tokens", _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency", _LATENCY_BUCKETS)
-        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens processed")
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens processed (computed or cached)")
+        # Prefix cache (engine/radix_cache.py). Computed = prompt_tokens_total - cached_prompt_tokens_total.
+        self.cached_prompt_tokens = counter(
+            "cached_prompt_tokens_total", "Prompt tokens served from the prefix cache (not recomputed)"
+        )
+        self.prefix_cache_hit_rate = gauge(
+            "prefix_cache_hit_rate", "Cached / all prompt tokens of the requests admitted since start"
+        )
+        self.prefix_cache_evicted_pages = counter(
+            "prefix_cache_evicted_pages_total", "MLA latent-KV pages evicted from the prefix cache"
+        )
+        self.prefix_cache_evicted_snapshots = counter(
+            "prefix_cache_evicted_snapshots_total", "Lightning-state snapshots evicted from the prefix cache"
+        )
+        self.prefix_cache_pages = gauge("prefix_cache_pages", "MLA latent-KV pages held by the prefix cache")
+        self.prefix_cache_snapshots = gauge(
+            "prefix_cache_snapshots", "Lightning-state snapshot buffers in use (cached or being taken)"
+        )
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated")
         self.spec_draft_tokens = counter("spec_draft_tokens_total", "MTP draft tokens proposed")
         self.spec_accepted_tokens = counter("spec_accepted_tokens_total", "MTP draft tokens accepted")
@@ -49,7 +66,18 @@ class RuntimeMetrics:
         self.requests_total = Counter(
             p + "requests_total", "Finished requests", ["model_name", "finish_reason"], registry=r
         )
+        # Requests refused before generating: queue_full, queue_timeout, shutting_down,
+        # engine_failed (the engine's refusals) and body_too_large (the HTTP layer's).
+        self.requests_rejected_total = Counter(
+            p + "requests_rejected_total",
+            "Requests refused with a 413 or 503",
+            ["model_name", "reason"],
+            registry=r,
+        )
         self.model_name = model_name
+
+    def rejected(self, reason: str) -> None:
+        self.requests_rejected_total.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,12 @@
 """One rank's model and cache, executing `StepPlan`s: the same code on every tensor-parallel rank.
 
-Per step: roll back linear state after the previous verify (`commit`), zero new slots, run the MTP
-layer over positions whose next token became known and draft from it, then one target pass over
-the step's tokens (plus drafts). On CUDA (`enable_cuda_graphs`) a plain decode step is one replay
-that also samples (engine/cuda_graphs.py), and an MTP decode step is a draft replay plus a verify
-replay that samples, accepts and commits the linear state on the device (engine/spec_graphs.py),
+Per step: load prefix-cache snapshots into resumed slots (`restore`), copy snapshots out of the
+previous verify's per-position states (`commit_snapshots`), roll back linear state after that
+verify (`commit`), zero new slots, run the MTP layer over positions whose next token became known
+and draft from it, then one target pass over the step's tokens (plus drafts), saving snapshots
+mid-row inside the Lightning layers and at row ends from the slots afterwards. On CUDA (`enable_cuda_graphs`) a plain decode step is one replay
+that also samples (runner/cuda_graphs.py), and an MTP decode step is a draft replay plus a verify
+replay that samples, accepts and commits the linear state on the device (runner/spec_graphs.py),
 then one host read; prefill, mixed and oversize steps run eagerly. Every rank computes the same
 drafts: logits are identical on all ranks after the collectives, so a greedy draft needs no extra
 broadcast (device temperature sampling is only used at TP 1, where no other rank must agree).
@@ -16,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ling_runtime.engine.cuda_graphs import DecodeGraphs
-from ling_runtime.engine.plan import SeqResult, SeqWork, StepPlan, StepResult
-from ling_runtime.engine.spec_graphs import SpecGraphs
 from ling_runtime.model.batch import ForwardBatch
+from ling_runtime.runner.cuda_graphs import DecodeGraphs
+from ling_runtime.runner.plan import SeqResult, SeqWork, StepPlan, StepResult
+from ling_runtime.runner.spec_graphs import SpecGraphs
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ModelRunner:
         self.spec_graph_steps = 0  # MTP steps served by the draft + verify replays
         # slot -> tokens the last graphed verify committed on the device (the plan's commit repeats it)
         self._device_commits: dict[int, int] = {}
+        # slot -> its batch row in the last graphed verify (where its per-position states are kept)
+        self._device_rows: dict[int, int] = {}
 
     def enable_cuda_graphs(
         self,
@@ -71,9 +75,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         works = plan.seqs
+        # Restores first: this step may write the snapshot buffers they read (after an eviction).
+        restores = [w for w in works if w.restore is not None]
+        if restores:
+            self.cache.restore_snapshots([w.slot for w in restores], [int(w.restore) for w in restores])  # type: ignore[arg-type]
+            for w in restores:
+                self._hidden.pop(w.slot, None)
         commits = []
+        kept: tuple[list[int], list[int], list[int]] = ([], [], [])  # verify rows, counts, snapshot ids
         for w in works:
             done = self._device_commits.pop(w.slot, None)
+            row = self._device_rows.pop(w.slot, None)
+            for j, sid in w.commit_snapshots:
+                kept[0].append(w.slot if row is None else row)
+                kept[1].append(j)
+                kept[2].append(sid)
             if not w.commit:
                 continue
             if done is None:
@@ -83,6 +99,8 @@ class ModelRunner:
                 # different count cannot be rolled back to. The engine emits what the device
                 # accepted (or finishes the sequence), so this is a bug, not a condition.
                 raise RuntimeError(f"slot {w.slot}: commit {w.commit}, but the device committed {done}")
+        if kept[2]:
+            self.cache.save_verify_snapshots(*kept)
         if commits:
             self.cache.commit_linear_state([s for s, _ in commits], [n for _, n in commits])
         resets = [w.slot for w in works if w.reset]
@@ -92,9 +110,14 @@ class ModelRunner:
                 self._hidden.pop(slot, None)
         bucket = self._spec_bucket(works)
         if bucket is not None:
-            return self._spec_graph_step(works, bucket)
-        drafts = self._draft(works)
-        return self._target(works, drafts)
+            result = self._spec_graph_step(works, bucket)
+        else:
+            result = self._target(works, self._draft(works))
+        # Snapshots at row ends: the slot's state after the step (verify rows never ask for one).
+        ends = [(w.slot, sid) for w in works for n, sid in w.snapshots if n == len(w.tokens)]
+        if ends:
+            self.cache.save_snapshots([s for s, _ in ends], [i for _, i in ends])
+        return result
 
     def _device_sampling(self, w: SeqWork) -> bool:
         """Whether this sequence's tokens may be sampled on the device: greedy always; temperature
@@ -158,6 +181,7 @@ class ModelRunner:
         for i, w in enumerate(works):
             self._hidden[w.slot] = _Hidden(w.start, None)
             self._device_commits[w.slot] = out.num_accepted[i] + 1
+            self._device_rows[w.slot] = i
             results.append(SeqResult(None, out.drafts[i], out.tokens[i], out.num_accepted[i]))
         return StepResult(results)
 
@@ -226,6 +250,9 @@ class ModelRunner:
             [list(w.pages) for w in works],
             keep_linear_states=verify,
             device=self.device,
+            snapshots=[
+                (b, n, sid) for b, w in enumerate(works) for n, sid in w.snapshots if n < len(w.tokens)
+            ],
         )
         hidden = self.model.forward(batch, self.cache)
         bounds = batch.cu_seqlens.tolist()

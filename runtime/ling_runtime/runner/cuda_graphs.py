@@ -8,7 +8,7 @@ computes harmlessly: slot ``-1`` (the Lightning decode kernel skips it) and a bl
 at a scratch page that no sequence owns (the MLA latent write of a padding row lands there).
 Everything inside the graph is the model's Triton path, which reads lengths from device tensors
 only (no host synchronisation inside a step). Prefill and oversize steps run eagerly; MTP draft and
-verify steps have their own graphs (engine/spec_graphs.py).
+verify steps have their own graphs (runner/spec_graphs.py).
 
 The replay samples too (``sample_on_device``: greedy, or temperature by Gumbel-max over uniform
 noise drawn on the device with the graph-safe default generator), so a step hands back token ids;
@@ -45,21 +45,26 @@ def sample_on_device(
 ) -> torch.Tensor:
     """Token ids [N] int64 from float32 logits [N, V]: greedy where ``temperature`` is 0 (or None:
     all greedy, no noise drawn), else a draw from softmax(logits / T). No host read (graph-safe)."""
-    from ling_runtime.kernels.sampling import sample_ref
+    # Imported here: the kernels import Triton, which only graph-enabled runners need.
+    from ling_runtime.kernels.sampling import sample, sample_ref
 
+    kernels = getattr(model, "use_kernels", False)
     if temperature is None:
-        if getattr(model, "use_kernels", False):
-            from ling_runtime.kernels import sample
-
+        if kernels:
             zero = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
             return sample(logits, zero).long()
         return torch.argmax(logits, dim=-1)
     uniform = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
-    if getattr(model, "use_kernels", False):
-        from ling_runtime.kernels import sample
+    return (sample if kernels else sample_ref)(logits, temperature, uniform).long()
 
-        return sample(logits, temperature, uniform).long()
-    return sample_ref(logits, temperature, uniform).long()
+
+def check_graphable(model: torch.nn.Module, device: torch.device, eager: bool) -> None:
+    """Refuse what a capture cannot serve (``eager`` runs the bodies anywhere, for CPU tests)."""
+    if device.type != "cuda" and not eager:
+        raise ValueError(f"CUDA graphs need a cuda device, got {device}")
+    if not getattr(model, "use_kernels", False) and not eager:
+        # The plain-torch decode reads host-side lengths, which a replay would not update.
+        raise ValueError("CUDA graphs need the model's Triton path (use_kernels=True)")
 
 
 def capture_graphs(
@@ -109,11 +114,7 @@ class DecodeGraphs:
         buckets: list[int] | None = None,
         eager: bool = False,
     ) -> None:
-        if device.type != "cuda" and not eager:
-            raise ValueError(f"CUDA graphs need a cuda device, got {device}")
-        if not getattr(model, "use_kernels", False) and not eager:
-            # The plain-torch decode reads host-side lengths, which a replay would not update.
-            raise ValueError("CUDA graphs need the model's Triton path (use_kernels=True)")
+        check_graphable(model, device, eager)
         self.model = model
         self.cache = cache
         self.device = device

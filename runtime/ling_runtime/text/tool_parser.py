@@ -57,9 +57,13 @@ def _parse_block(body: str) -> ToolCall | None:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=obj["name"], arguments=args_text)
+    return make_tool_call(obj["name"], obj.get("arguments", obj.get("parameters", {})))
+
+
+def make_tool_call(name: str, arguments: object) -> ToolCall:
+    """A call with a fresh id; `arguments` as text (kept) or a JSON value (serialized)."""
+    args_text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=args_text)
 
 
 def could_start_tool_call(text: str) -> bool:

@@ -44,6 +44,11 @@ class TPGroup:
         return torch.cat(parts, dim=dim)
 
 
+def backend_for(device: str) -> str:
+    """The torch.distributed backend for the model's collectives on ``device`` (NCCL on GPU)."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
 def init_process_group(
     rank: int,
     world_size: int,

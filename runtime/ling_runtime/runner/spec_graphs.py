@@ -28,8 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ling_runtime.engine.cuda_graphs import capture_graphs, graph_buckets, padded_tables, sample_on_device
 from ling_runtime.model.batch import ForwardBatch
+from ling_runtime.runner.cuda_graphs import (
+    capture_graphs,
+    check_graphable,
+    graph_buckets,
+    padded_tables,
+    sample_on_device,
+)
 
 
 @dataclass
@@ -59,10 +65,7 @@ class SpecGraphs:
         eager: bool = False,
         max_tokens: int = 128,
     ) -> None:
-        if device.type != "cuda" and not eager:
-            raise ValueError(f"CUDA graphs need a cuda device, got {device}")
-        if not getattr(model, "use_kernels", False) and not eager:
-            raise ValueError("CUDA graphs need the model's Triton path (use_kernels=True)")
+        check_graphable(model, device, eager)
         if getattr(model, "mtp", None) is None:
             raise ValueError("enable_mtp: MTP graphs need the model's MTP layer")
         k = num_drafts
