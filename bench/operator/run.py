@@ -19,6 +19,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -193,6 +194,10 @@ def operator_fingerprint() -> str:
 
 
 def py_spy() -> str | None:
+    # Beside this Python first (`pip install py-spy` into the venv), then PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    if beside.is_file():
+        return str(beside)
     found = shutil.which("py-spy")
     if found:
         return found

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -25,10 +25,13 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from ling_operator.timeutil import format_time
 
 __all__ = [
     "API_VERSION",
@@ -213,14 +216,8 @@ def parse_quantity(value: int | float | str) -> Decimal:
     return base * _SUFFIX[suffix]
 
 
-def _rfc3339(value: datetime) -> str:
-    # Kubernetes timestamps are second-precision RFC 3339 in UTC; naive datetimes are taken as UTC.
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-Timestamp = Annotated[datetime, PlainSerializer(_rfc3339, return_type=str, when_used="json")]
+# Kubernetes timestamps are second-precision RFC 3339 in UTC (timeutil.format_time).
+Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]
 # An int-or-string Kubernetes quantity (the pattern is Kubernetes' own, as controller-gen emits it); the
 # length bound keeps the CEL cost estimate of the positivity rule within the API server's budget.
 QUANTITY_PATTERN = (
@@ -896,6 +893,10 @@ class LingDeploymentSpec(ApiModel):
             field_path=".model.source.builtin",
         ),
     )
+
+    # Values derived from this spec, computed once (resources.revision_of): a validated spec is never
+    # changed, and the operator keeps one per generation.
+    _derived: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def pods_per_group(self) -> int:

@@ -235,48 +235,111 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """What every outcome of one decision shares: the size now, the recommendation, the limits."""
+
+    current: int
+    load: str  # "12 waiting, 3 running", for messages
+    recommendation: int
+    limited: str
+    limited_message: str
+    unreadable: tuple[int, ...]
+
+    def decision(
+        self,
+        desired: int,
+        reason: str,
+        message: str,
+        state: PolicyState,
+        limited: tuple[str, str] | None = None,
+    ) -> Decision:
+        direction = "up" if desired > self.current else "down" if desired < self.current else "none"
+        limited_reason, limited_message = limited or (self.limited, self.limited_message)
+        return Decision(
+            desired=desired,
+            direction=direction,
+            reason=reason,
+            message=message,
+            recommendation=self.recommendation,
+            limited=limited_reason,
+            limited_message=limited_message,
+            unreadable_groups=self.unreadable,
+            state=state,
+        )
+
+
+def _unknown(inp: PolicyInput, unreadable: tuple[int, ...]) -> Decision:
+    """No queue depth: keep the size (demand unknown is not demand gone)."""
+    current = inp.current_replicas
+    error = inp.source_error or "no queue depth"
+    return Decision(
+        desired=current,
+        direction="none",
+        reason="source_error",
+        message=f"keeping {current} groups: queue depth unknown ({error})",
+        recommendation=None,
+        limited=Reason.WITHIN_BOUNDS,
+        limited_message="no recommendation without a queue depth",
+        unreadable_groups=unreadable,
+        state=inp.state,
+    )
+
+
+def _recommend(
+    spec: AutoscalingSpec, inp: PolicyInput, waiting: float, running: float | None, capacity: int | None
+) -> tuple[int, int]:
+    """(recommendation within bounds, groups the load wants before bounds)."""
+    current = inp.current_replicas
+    # The raw recommendation: groups for the queue, and at least the groups the running requests occupy
+    # (so a queue drained by enough capacity does not read as "no demand"). The running floor only bounds
+    # scale-down (capped at the current size): running requests alone never add groups.
+    queue_groups = math.ceil(waiting / spec.target_queue_depth_per_replica)
+    running_groups = min(math.ceil(running / capacity), current) if capacity and running else 0
+    wanted = max(queue_groups, running_groups)
+    raw = wanted
+    idle = waiting < spec.scale_to_zero.activation_queue_depth and not running
+    if _effective_min(spec, inp) == 0 and idle:
+        raw = 0
+    elif raw < spec.min_replicas:
+        raw = spec.min_replicas
+    recommendation = min(raw, spec.max_replicas)
+    if any(g.ready and g.error is not None for g in inp.groups):
+        # Demand on unreadable groups is unknown: never recommend less than what exists.
+        recommendation = max(recommendation, min(current, spec.max_replicas))
+    return recommendation, wanted
+
+
+def _limits(
+    spec: AutoscalingSpec, inp: PolicyInput, waiting: float, wanted: int, recommendation: int
+) -> tuple[str, str]:
+    """ScalingLimited: the bound a person should know the recommendation ran into."""
+    if wanted > spec.max_replicas:
+        return (
+            Reason.AT_MAX_REPLICAS,
+            f"{_fmt(waiting)} waiting would need {wanted} groups; maxReplicas is {spec.max_replicas}",
+        )
+    if recommendation == spec.min_replicas and wanted < spec.min_replicas and _effective_min(spec, inp) > 0:
+        return (
+            Reason.AT_MIN_REPLICAS,
+            f"{_fmt(waiting)} waiting needs {wanted} groups; minReplicas is {spec.min_replicas}",
+        )
+    return Reason.WITHIN_BOUNDS, "recommendation within minReplicas..maxReplicas"
+
+
 def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
     """The desired number of groups for this observation, with the reason a person would want."""
     current = inp.current_replicas
     if current < 0:
         raise ValueError(f"current_replicas must be >= 0, got {current}")
     unreadable = tuple(g.index for g in inp.groups if g.ready and g.error is not None)
-
     if inp.source_error is not None or inp.total_waiting is None:
-        error = inp.source_error or "no queue depth"
-        return Decision(
-            desired=current,
-            direction="none",
-            reason="source_error",
-            message=f"keeping {current} groups: queue depth unknown ({error})",
-            recommendation=None,
-            limited=Reason.WITHIN_BOUNDS,
-            limited_message="no recommendation without a queue depth",
-            unreadable_groups=unreadable,
-            state=inp.state,
-        )
+        return _unknown(inp, unreadable)
 
-    target = spec.target_queue_depth_per_replica
     waiting = max(0.0, inp.total_waiting)
     running = max(0.0, inp.total_running) if inp.total_running is not None else None
-    effective_min = _effective_min(spec, inp)
     capacity = _learn_capacity(inp)
-
-    # The raw recommendation, before bounds: groups for the queue, and at least the groups the running
-    # requests occupy (so a queue drained by enough capacity does not read as "no demand"). The running
-    # floor only bounds scale-down (capped at the current size): running requests alone never add groups.
-    queue_groups = math.ceil(waiting / target)
-    running_groups = min(math.ceil(running / capacity), current) if capacity and running else 0
-    raw = max(queue_groups, running_groups)
-    idle = waiting < spec.scale_to_zero.activation_queue_depth and not running
-    if effective_min == 0 and idle:
-        raw = 0
-    elif raw < spec.min_replicas:
-        raw = spec.min_replicas
-    recommendation = min(raw, spec.max_replicas)
-    if unreadable:
-        # Demand on unreadable groups is unknown: never recommend less than what exists.
-        recommendation = max(recommendation, min(current, spec.max_replicas))
+    recommendation, wanted = _recommend(spec, inp, waiting, running, capacity)
 
     # With no history (first observation, or status lost) the current size counts as recommended just
     # now, so a fresh autoscaler waits a full down-window before removing anything.
@@ -289,155 +352,106 @@ def decide(spec: AutoscalingSpec, inp: PolicyInput) -> Decision:
     up_to = min(window_values(history, inp.now, spec.scale_up_stabilization_seconds))
     down_to = max(window_values(history, inp.now, down_window))
 
-    # Limits a person should know about (ScalingLimited).
-    wanted = max(queue_groups, running_groups)
-    if wanted > spec.max_replicas:
-        limited, limited_message = (
-            Reason.AT_MAX_REPLICAS,
-            f"{_fmt(waiting)} waiting would need {wanted} groups; maxReplicas is {spec.max_replicas}",
-        )
-    elif recommendation == spec.min_replicas and wanted < spec.min_replicas and effective_min > 0:
-        limited, limited_message = (
-            Reason.AT_MIN_REPLICAS,
-            f"{_fmt(waiting)} waiting needs {wanted} groups; minReplicas is {spec.min_replicas}",
-        )
-    else:
-        limited, limited_message = Reason.WITHIN_BOUNDS, "recommendation within minReplicas..maxReplicas"
-
-    load = f"{_fmt(waiting)} waiting"
-    if running is not None:
-        load += f", {_fmt(running)} running"
+    load = f"{_fmt(waiting)} waiting" + (f", {_fmt(running)} running" if running is not None else "")
+    frame = _Frame(
+        current, load, recommendation, *_limits(spec, inp, waiting, wanted, recommendation), unreadable
+    )
 
     # Bounds first: a size outside min..max is corrected at once, as HPA does.
     if current > spec.max_replicas:
-        return _decision(
-            current,
-            spec.max_replicas,
-            "bounds",
-            f"{load}; spec.replicas {current} above maxReplicas {spec.max_replicas}",
-            recommendation,
-            limited,
-            limited_message,
-            unreadable,
-            state,
-        )
-    if 0 < current < spec.min_replicas or (current == 0 and effective_min > 0):
-        return _decision(
-            current,
-            spec.min_replicas,
-            "bounds",
-            f"{load}; spec.replicas {current} below minReplicas {spec.min_replicas}",
-            recommendation,
-            limited,
-            limited_message,
-            unreadable,
-            state,
-        )
+        message = f"{load}; spec.replicas {current} above maxReplicas {spec.max_replicas}"
+        return frame.decision(spec.max_replicas, "bounds", message, state)
+    if 0 < current < spec.min_replicas or (current == 0 and _effective_min(spec, inp) > 0):
+        message = f"{load}; spec.replicas {current} below minReplicas {spec.min_replicas}"
+        return frame.decision(spec.min_replicas, "bounds", message, state)
+    if current < up_to:
+        return _scale_up(spec, inp, frame, state, up_to, down_window, waiting)
+    if current > down_to:
+        return _scale_down(spec, inp, frame, state, down_to, down_window)
+    note = f"; groups {list(unreadable)} unreadable, not scaling down" if unreadable else ""
+    return frame.decision(
+        current, "stable", f"{load}: {current} groups are right{note}", _settled(inp, state)
+    )
 
+
+def _settled(inp: PolicyInput, state: PolicyState) -> PolicyState:
+    """Once every group of the current size is ready, no scale-up is under way any more."""
+    current = inp.current_replicas
+    not_ready = current - sum(1 for g in inp.groups if g.ready and g.index < current)
+    return state if current > 0 and not_ready > 0 else replace(state, scale_up_target=None)
+
+
+def _scale_up(
+    spec: AutoscalingSpec,
+    inp: PolicyInput,
+    frame: _Frame,
+    state: PolicyState,
+    up_to: int,
+    down_window: float,
+    waiting: float,
+) -> Decision:
+    """Towards the lowest recommendation of the up-window, by at most maxScaleUpStep.
+
+    Groups still starting are capacity on the way: the queue that grows while they load is the start-up's
+    doing, not new demand, so a start-up only finishes the climb it began (rate-limited steps up to the
+    target set when it began) and never raises that target."""
+    current = frame.current
     not_ready = current - sum(1 for g in inp.groups if g.ready and g.index < current)
     starting = current > 0 and not_ready > 0
-    if not starting:
-        state = replace(state, scale_up_target=None)
-    if current < up_to:
-        # Groups still starting are capacity on the way: the queue that grows while they load is the
-        # start-up's doing, not new demand, so a start-up only finishes the climb it began (rate-limited
-        # steps up to the target set when it began) and never raises that target.
-        goal = up_to
-        if starting:
-            climb = inp.state.scale_up_target
-            if climb is None or current >= climb:
-                return replace(
-                    _decision(
-                        current,
-                        current,
-                        "starting",
-                        f"holding at {current} groups: {not_ready} still starting count as capacity on "
-                        f"the way ({load}, recommendation {recommendation})",
-                        recommendation,
-                        limited,
-                        limited_message,
-                        unreadable,
-                        state,
-                    ),
-                    held_for_startup=True,
-                )
-            goal = min(up_to, climb)
-        else:
-            state = replace(state, scale_up_target=up_to)
-        up_to = goal
-        desired = min(up_to, current + spec.max_scale_up_step)
-        if desired < up_to:
-            limited, limited_message = (
-                Reason.RATE_LIMITED,
-                f"recommendation {up_to} limited to +{spec.max_scale_up_step} (maxScaleUpStep)",
+    goal = up_to
+    if starting:
+        climb = inp.state.scale_up_target
+        if climb is None or current >= climb:
+            message = (
+                f"holding at {current} groups: {not_ready} still starting count as capacity on "
+                f"the way ({frame.load}, recommendation {frame.recommendation})"
             )
-        if current == 0:
-            reason, message = (
-                "activation",
-                f"{load} >= activation {spec.scale_to_zero.activation_queue_depth}",
-            )
-        else:
-            reason, message = "queue_depth", f"{_fmt(waiting)} waiting > {current} × {target} per group"
-        state, note = _after_scale(spec, state, inp.now, "up", down_window)
-        message += note
-        return _decision(
-            current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
+            return replace(frame.decision(current, "starting", message, state), held_for_startup=True)
+        goal = min(up_to, climb)
+    else:
+        state = replace(state, scale_up_target=up_to)
+    desired = min(goal, current + spec.max_scale_up_step)
+    limited = None
+    if desired < goal:
+        limited = (
+            Reason.RATE_LIMITED,
+            f"recommendation {goal} limited to +{spec.max_scale_up_step} (maxScaleUpStep)",
         )
-
-    if current > down_to:
-        desired = max(down_to, current - spec.max_scale_down_step)
-        if desired > down_to:
-            limited, limited_message = (
-                Reason.RATE_LIMITED,
-                f"recommendation {down_to} limited to -{spec.max_scale_down_step} (maxScaleDownStep)",
-            )
-        window = _fmt(down_window)
-        if desired == 0:
-            reason, message = "idle", f"no requests for {window}s, scaling to zero"
-        else:
-            reason, message = (
-                "queue_depth",
-                f"{load} fit in {down_to} groups (highest recommendation of the last {window}s)",
-            )
-        state, _ = _after_scale(spec, state, inp.now, "down", down_window)
-        return _decision(
-            current, desired, reason, message, recommendation, limited, limited_message, unreadable, state
+    if current == 0:
+        reason, message = (
+            "activation",
+            f"{frame.load} >= activation {spec.scale_to_zero.activation_queue_depth}",
         )
-
-    note = f"; groups {list(unreadable)} unreadable, not scaling down" if unreadable else ""
-    return _decision(
-        current,
-        current,
-        "stable",
-        f"{load}: {current} groups are right{note}",
-        recommendation,
-        limited,
-        limited_message,
-        unreadable,
-        state,
-    )
+    else:
+        target = spec.target_queue_depth_per_replica
+        reason, message = "queue_depth", f"{_fmt(waiting)} waiting > {current} × {target} per group"
+    state, note = _after_scale(spec, state, inp.now, "up", down_window)
+    return frame.decision(desired, reason, message + note, state, limited)
 
 
-def _decision(
-    current: int,
-    desired: int,
-    reason: str,
-    message: str,
-    recommendation: int,
-    limited: str,
-    limited_message: str,
-    unreadable: tuple[int, ...],
+def _scale_down(
+    spec: AutoscalingSpec,
+    inp: PolicyInput,
+    frame: _Frame,
     state: PolicyState,
+    down_to: int,
+    down_window: float,
 ) -> Decision:
-    direction = "up" if desired > current else "down" if desired < current else "none"
-    return Decision(
-        desired=desired,
-        direction=direction,
-        reason=reason,
-        message=message,
-        recommendation=recommendation,
-        limited=limited,
-        limited_message=limited_message,
-        unreadable_groups=unreadable,
-        state=state,
-    )
+    """Towards the highest recommendation of the down-window, by at most maxScaleDownStep."""
+    current = frame.current
+    state = _settled(inp, state)
+    desired = max(down_to, current - spec.max_scale_down_step)
+    limited = None
+    if desired > down_to:
+        limited = (
+            Reason.RATE_LIMITED,
+            f"recommendation {down_to} limited to -{spec.max_scale_down_step} (maxScaleDownStep)",
+        )
+    window = _fmt(down_window)
+    if desired == 0:
+        reason, message = "idle", f"no requests for {window}s, scaling to zero"
+    else:
+        reason = "queue_depth"
+        message = f"{frame.load} fit in {down_to} groups (highest recommendation of the last {window}s)"
+    state, _ = _after_scale(spec, state, inp.now, "down", down_window)
+    return frame.decision(desired, reason, message, state, limited)

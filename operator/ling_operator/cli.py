@@ -88,10 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late so `--help` works without a cluster library import cost.
     import kopf
 
-    from ling_operator import handlers, metrics, resources
+    from ling_operator import (
+        controller,
+        handlers,  # noqa: F401  (importing it registers the kopf handlers)
+        kube,
+        metrics,
+        resources,
+    )
 
     identity = args.identity or f"{os.environ.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    settings = handlers.Settings(
+    settings = controller.Settings(
         namespaces=list(args.namespaces),
         kubeconfig=args.kubeconfig,
         default_image=args.runtime_image or resources.DEFAULT_RUNTIME_IMAGE,
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         identity=identity,
         resync_seconds=args.resync_seconds,
     )
-    controller = handlers.Controller(settings, handlers.api_client(args.kubeconfig))
+    operator = controller.Controller(settings, kube.api_client(args.kubeconfig))
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     liveness = f"http://{args.metrics_address}:{args.health_port}/healthz" if args.health_port else None
@@ -117,6 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(controller=controller),
+        memo=kopf.Memo(controller=operator),
     )
     return 0

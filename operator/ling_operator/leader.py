@@ -19,19 +19,12 @@ from typing import Any, Literal
 from kubernetes.client import CoordinationV1Api
 from kubernetes.client.exceptions import ApiException
 
+from ling_operator.kube import read_body
+from ling_operator.timeutil import format_micro_time, parse_time
+
 log = logging.getLogger("ling_operator.leader")
 
 Action = Literal["renew", "acquire", "standby"]
-
-
-def parse_micro_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_micro_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def decide(lease_spec: Mapping[str, Any], me: str, now: datetime, default_duration: float) -> Action:
@@ -41,7 +34,7 @@ def decide(lease_spec: Mapping[str, Any], me: str, now: datetime, default_durati
         return "renew"
     if not holder:
         return "acquire"
-    renewed = parse_micro_time(lease_spec.get("renewTime") or lease_spec.get("acquireTime"))
+    renewed = parse_time(lease_spec.get("renewTime") or lease_spec.get("acquireTime"))
     duration = float(lease_spec.get("leaseDurationSeconds") or default_duration)
     if renewed is None or now >= renewed + timedelta(seconds=duration):
         return "acquire"
@@ -85,7 +78,7 @@ class LeaseElector:
         now = datetime.now(UTC)
         try:
             resp = self.api.read_namespaced_lease(self.name, self.namespace, _preload_content=False)
-            lease = json.loads(resp.data)
+            lease = json.loads(read_body(resp))
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("cannot read Lease %s/%s: %s", self.namespace, self.name, exc.reason)
@@ -132,7 +125,7 @@ class LeaseElector:
             return
         try:
             resp = self.api.read_namespaced_lease(self.name, self.namespace, _preload_content=False)
-            lease = json.loads(resp.data)
+            lease = json.loads(read_body(resp))
             if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
                 lease["spec"]["holderIdentity"] = ""
                 self.api.replace_namespaced_lease(self.name, self.namespace, lease)

@@ -25,12 +25,15 @@ reconcile_duration_seconds = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
-groups_desired = Gauge(
-    _PREFIX + "groups_desired", "Serving groups wanted (spec.replicas).", _DEPLOYMENT, registry=REGISTRY
-)
-groups_ready = Gauge(
-    _PREFIX + "groups_ready", "Serving groups whose every rank is ready.", _DEPLOYMENT, registry=REGISTRY
-)
+
+
+def _per_deployment(name: str, documentation: str) -> Gauge:
+    """A gauge labelled {namespace, deployment}."""
+    return Gauge(_PREFIX + name, documentation, _DEPLOYMENT, registry=REGISTRY)
+
+
+groups_desired = _per_deployment("groups_desired", "Serving groups wanted (spec.replicas).")
+groups_ready = _per_deployment("groups_ready", "Serving groups whose every rank is ready.")
 group_restarts_total = Counter(
     _PREFIX + "group_restarts",
     "Whole-group restarts after a rank failed, vanished or missed the rendezvous deadline.",
@@ -44,25 +47,13 @@ rendezvous_duration_seconds = Histogram(
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
     registry=REGISTRY,
 )
-autoscaler_queue_depth = Gauge(
-    _PREFIX + "autoscaler_queue_depth",
-    "Total waiting requests last observed.",
-    _DEPLOYMENT,
-    registry=REGISTRY,
-)
-autoscaler_desired_replicas = Gauge(
-    _PREFIX + "autoscaler_desired_replicas", "Groups the autoscaler wants.", _DEPLOYMENT, registry=REGISTRY
-)
-autoscaler_current_replicas = Gauge(
-    _PREFIX + "autoscaler_current_replicas",
-    "spec.replicas when last observed.",
-    _DEPLOYMENT,
-    registry=REGISTRY,
+autoscaler_queue_depth = _per_deployment("autoscaler_queue_depth", "Total waiting requests last observed.")
+autoscaler_desired_replicas = _per_deployment("autoscaler_desired_replicas", "Groups the autoscaler wants.")
+autoscaler_current_replicas = _per_deployment(
+    "autoscaler_current_replicas", "spec.replicas when last observed."
 )
 # spec.autoscaling.maxReplicas, so an alert can tell "pinned at max" from "scaling" (docs/observability.md).
-autoscaler_max_replicas = Gauge(
-    _PREFIX + "autoscaler_max_replicas", "spec.autoscaling.maxReplicas.", _DEPLOYMENT, registry=REGISTRY
-)
+autoscaler_max_replicas = _per_deployment("autoscaler_max_replicas", "spec.autoscaling.maxReplicas.")
 scale_decisions_total = Counter(
     _PREFIX + "scale_decisions",
     "Autoscaler decisions that changed spec.replicas.",

@@ -12,36 +12,46 @@ replaced not-ready first, then highest index first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
-from ling_operator import rendezvous, resources
-from ling_operator.api import ConditionType, Reason
+from ling_operator import conditions, rendezvous, resources
+from ling_operator.api import (
+    Condition,
+    ConditionType,
+    GroupPhase,
+    GroupStatus,
+    LingDeploymentSpec,
+    LingDeploymentStatus,
+    RankStatus,
+    Reason,
+)
+from ling_operator.events import Event, normal, warning
+from ling_operator.pods import ObservedPod
+from ling_operator.timeutil import whole_seconds
 
 # How often to look again while pods we deleted are still terminating (pod events also wake us).
 TERMINATING_REQUEUE_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on the LingDeployment."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
+# A group that served this long since its last restart starts its backoff over, as the kubelet forgets a
+# container's crash-loop backoff after 10 minutes of running (or maxBackoffSeconds, when that is longer:
+# a group must outlive the longest delay before its failures stop counting as one crash loop).
+BACKOFF_RESET_SECONDS = 600
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
 class Plan:
-    """What one reconcile pass decided. The handlers apply it; nothing here touches the API."""
+    """What one reconcile pass decided. The shell applies it; nothing here touches the API."""
 
     create_pods: list[dict[str, Any]] = field(default_factory=list)
     delete_pods: list[str] = field(default_factory=list)
     create_services: list[dict[str, Any]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
+    # The whole status to write: ours, with the autoscaler's fields and conditions as they were.
+    status: LingDeploymentStatus = field(default_factory=LingDeploymentStatus)
     requeue_after: float | None = None
     restarted_groups: list[int] = field(default_factory=list)
     rendezvous_seconds: list[float] = field(default_factory=list)
@@ -52,101 +62,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading pods and timestamps.
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _labels(pod: Mapping[str, Any]) -> Mapping[str, str]:
-    return pod.get("metadata", {}).get("labels") or {}
-
-
-def pod_group(pod: Mapping[str, Any]) -> int | None:
-    try:
-        return int(_labels(pod)[resources.LABEL_GROUP])
-    except (KeyError, ValueError):
-        return None
-
-
-def pod_rank(pod: Mapping[str, Any]) -> int | None:
-    try:
-        return int(_labels(pod)[resources.LABEL_RANK])
-    except (KeyError, ValueError):
-        return None
-
-
-def is_terminating(pod: Mapping[str, Any]) -> bool:
-    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
-
-
-def _condition(pod: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    for cond in pod.get("status", {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return cond
-    return None
-
-
-def is_ready(pod: Mapping[str, Any]) -> bool:
-    ready = _condition(pod, "Ready")
-    return (
-        pod.get("status", {}).get("phase") == "Running"
-        and ready is not None
-        and ready.get("status") == "True"
-        and not is_terminating(pod)
-    )
-
-
-def is_scheduled(pod: Mapping[str, Any]) -> bool:
-    if pod.get("spec", {}).get("nodeName"):
-        return True
-    scheduled = _condition(pod, "PodScheduled")
-    return scheduled is not None and scheduled.get("status") == "True"
-
-
-def unschedulable_message(pod: Mapping[str, Any]) -> str | None:
-    scheduled = _condition(pod, "PodScheduled")
-    if scheduled is not None and scheduled.get("status") == "False":
-        return str(scheduled.get("message") or scheduled.get("reason") or "not scheduled yet")
-    return None
-
-
-def failure_of(pod: Mapping[str, Any], rank: int) -> str | None:
-    """Why this rank is dead, in words a person can act on; None while it is alive."""
-    status = pod.get("status", {})
-    if status.get("reason") == "Evicted":
-        return f"rank {rank} was evicted: {status.get('message') or 'no message'}"
-    for key, what in (("initContainerStatuses", "init container "), ("containerStatuses", "")):
-        for cs in status.get(key) or []:
-            term = (cs.get("state") or {}).get("terminated")
-            if term is None:
-                continue
-            code = term.get("exitCode")
-            if key == "initContainerStatuses" and code == 0:
-                continue
-            reason = term.get("reason")
-            detail = f" ({reason})" if reason and reason not in ("Error", "Completed") else ""
-            who = f"{what}{cs.get('name')} of " if what else ""
-            return f"{who}rank {rank} exited with code {code}{detail}"
-    phase = status.get("phase")
-    if phase == "Failed":
-        return f"rank {rank} failed: {status.get('reason') or status.get('message') or 'pod phase Failed'}"
-    if phase == "Succeeded":
-        return f"rank {rank} exited with code 0"
-    return None
-
-
-# A group that served this long since its last restart starts its backoff over, as the kubelet forgets a
-# container's crash-loop backoff after 10 minutes of running (or maxBackoffSeconds, when that is longer:
-# a group must outlive the longest delay before its failures stop counting as one crash loop).
-BACKOFF_RESET_SECONDS = 600
+# Backoff.
 
 
 def restart_delay(restarts: int, base: int, maximum: int) -> int:
@@ -170,10 +86,19 @@ def next_backoff(previous: int | None, base: int, maximum: int) -> int:
     return min(previous * 2, maximum)
 
 
-def served_long_enough(ready_since: str | None, now: datetime, max_backoff: int) -> bool:
+def served_long_enough(ready_since: datetime | None, now: datetime, max_backoff: int) -> bool:
     """True when the group has been Ready (since `ready_since`) long enough to forget its backoff."""
-    since = parse_time(ready_since)
-    return since is not None and (now - since).total_seconds() >= backoff_reset_after(max_backoff)
+    return ready_since is not None and (now - ready_since).total_seconds() >= backoff_reset_after(max_backoff)
+
+
+def max_unavailable(spec: LingDeploymentSpec) -> int:
+    """Groups that may be down during a rollout: never every group at once, whatever the spec says."""
+    unavailable = spec.rollout.max_unavailable
+    if unavailable == 0 and spec.rollout.max_surge == 0:
+        unavailable = 1
+    if spec.replicas > 1:
+        unavailable = min(unavailable, spec.replicas - 1)
+    return unavailable
 
 
 def _ranks_text(ranks: Iterable[int]) -> str:
@@ -189,167 +114,93 @@ def _ranks_text(ranks: Iterable[int]) -> str:
 @dataclass
 class GroupView:
     index: int
-    pods: dict[int, dict[str, Any]]  # rank -> pod (live and terminating)
-    prev: dict[str, Any] | None  # this group's entry of the previous status.groups
+    pods: dict[int, ObservedPod]  # rank -> pod (live and terminating); fixed for the pass
+    prev: GroupStatus | None  # this group's entry of the previous status.groups
 
-    @property
-    def live(self) -> dict[int, dict[str, Any]]:
-        return {r: p for r, p in self.pods.items() if not is_terminating(p)}
+    @cached_property
+    def live(self) -> dict[int, ObservedPod]:
+        return {r: p for r, p in self.pods.items() if not p.terminating}
 
     @property
     def terminating(self) -> bool:
-        return any(is_terminating(p) for p in self.pods.values())
+        return any(p.terminating for p in self.pods.values())
 
     def revisions(self) -> set[str]:
-        return {_labels(p).get(resources.LABEL_REVISION, "") for p in self.live.values()}
+        return {p.revision for p in self.live.values()}
 
     def prev_phase(self) -> str | None:
-        return (self.prev or {}).get("phase")
+        return None if self.prev is None else self.prev.phase
+
+    def observed_phase(self, pods: int) -> GroupPhase:
+        live = self.live
+        if len(live) < pods or any(not p.scheduled for p in live.values()):
+            return "Pending"
+        ranks = [live[r] for r in range(pods) if r in live]
+        if any(not p.running for p in ranks):
+            return "Forming"
+        if not all(p.ready for p in ranks):
+            return "Loading"
+        return "Ready"
+
+    def not_running(self, pods: int) -> list[int]:
+        return [r for r in range(pods) if not self.live[r].running]
+
+    def not_ready(self, pods: int) -> list[int]:
+        return [r for r in range(pods) if not self.live[r].ready]
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The numbers of a spec that decisions need."""
-
-    replicas: int
-    pods: int
-    tensor: int
-    gpus_per_pod: int
-    device: str
-    max_unavailable: int
-    max_surge: int
-    restart_group: bool
-    backoff: int
-    max_backoff: int
-    rendezvous_timeout: int
-    startup_timeout: int
-
-    @staticmethod
-    def of(spec: Mapping[str, Any]) -> Shape:
-        rollout = spec.get("rollout") or {}
-        fp = spec.get("failurePolicy") or {}
-        replicas = int(spec.get("replicas", 1))
-        surge = int(rollout.get("maxSurge", 0))
-        unavailable = int(rollout.get("maxUnavailable", 1))
-        if unavailable == 0 and surge == 0:
-            unavailable = 1
-        if replicas > 1:
-            # Never every group down at once, whatever maxUnavailable says.
-            unavailable = min(unavailable, replicas - 1)
-        return Shape(
-            replicas=replicas,
-            pods=rendezvous.pods_per_group(spec),
-            tensor=int(spec["parallelism"]["tensor"]),
-            gpus_per_pod=int(spec["parallelism"]["gpusPerPod"]),
-            device=str(spec["engine"].get("device", "cuda")),
-            max_unavailable=unavailable,
-            max_surge=surge,
-            restart_group=bool(fp.get("restartGroup", True)),
-            backoff=int(fp.get("backoffSeconds", 10)),
-            max_backoff=int(fp.get("maxBackoffSeconds", 300)),
-            rendezvous_timeout=int(fp.get("rendezvousTimeoutSeconds", 900)),
-            startup_timeout=int((spec.get("runtime") or {}).get("startupTimeoutSeconds", 1800)),
-        )
-
-
-def _observed_phase(view: GroupView, shape: Shape) -> str:
-    live = view.live
-    if len(live) < shape.pods or any(not is_scheduled(p) for p in live.values()):
-        return "Pending"
-    ranks = [live[r] for r in range(shape.pods) if r in live]
-    if any(p.get("status", {}).get("phase") != "Running" for p in ranks):
-        return "Forming"
-    if not all(is_ready(p) for p in ranks):
-        return "Loading"
-    return "Ready"
-
-
-def _wait_message(view: GroupView, shape: Shape, phase: str) -> str:
-    live = view.live
+def _wait_message(view: GroupView, spec: LingDeploymentSpec, phase: str) -> str:
+    live, pods = view.live, spec.pods_per_group
     if phase == "Pending":
-        unscheduled = [r for r, p in live.items() if not is_scheduled(p)]
+        unscheduled = [r for r, p in live.items() if not p.scheduled]
         if unscheduled:
-            why = unschedulable_message(live[unscheduled[0]]) or "not scheduled yet"
-            if shape.device == "cuda":
-                return (
-                    f"group {view.index}: waiting for {len(unscheduled) * shape.gpus_per_pod} of "
-                    f"{shape.tensor} GPUs: {why}"
-                )
-            return f"group {view.index}: waiting for {len(unscheduled)} of {shape.pods} pods to be scheduled: {why}"
-        return f"group {view.index}: creating {_ranks_text(r for r in range(shape.pods) if r not in live)}"
+            why = live[unscheduled[0]].unschedulable or "not scheduled yet"
+            if spec.engine.device == "cuda":
+                gpus = len(unscheduled) * spec.parallelism.gpus_per_pod
+                return f"group {view.index}: waiting for {gpus} of {spec.parallelism.tensor} GPUs: {why}"
+            return f"group {view.index}: waiting for {len(unscheduled)} of {pods} pods to be scheduled: {why}"
+        return f"group {view.index}: creating {_ranks_text(r for r in range(pods) if r not in live)}"
     if phase == "Forming":
-        waiting = [r for r in range(shape.pods) if live[r].get("status", {}).get("phase") != "Running"]
-        why = sorted({w for r in waiting for w in _waiting_reasons(live[r])}) or ["image pull, init"]
+        waiting = view.not_running(pods)
+        why = sorted({w for r in waiting for w in live[r].waiting}) or ["image pull, init"]
         return f"group {view.index}: waiting for {_ranks_text(waiting)} to start ({'; '.join(why)})"
     if phase == "Loading":
-        waiting = [r for r in range(shape.pods) if not is_ready(live[r])]
-        return f"group {view.index}: loading weights, {_ranks_text(waiting)} not ready"
+        return f"group {view.index}: loading weights, {_ranks_text(view.not_ready(pods))} not ready"
     return f"group {view.index}: {phase.lower()}"
 
 
-def _waiting_reasons(pod: Mapping[str, Any]) -> list[str]:
-    """The kubelet's words for a container that has not started (ImagePullBackOff: ...)."""
-    status = pod.get("status", {})
-    out = []
-    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") and waiting["reason"] not in ("PodInitializing", "ContainerCreating"):
-            out.append(
-                f"{cs.get('name')}: {waiting['reason']}"
-                + (f": {waiting['message']}" if waiting.get("message") else "")
-            )
-    return out
+def _rendezvous_limit(spec: LingDeploymentSpec, phase: str) -> int:
+    """Seconds Forming (or Forming + Loading) may take from placement before the group restarts."""
+    limit = spec.failure_policy.rendezvous_timeout_seconds
+    return limit + (spec.runtime.startup_timeout_seconds if phase == "Loading" else 0)
 
 
-def _failure(view: GroupView, shape: Shape, now: datetime) -> tuple[str, str] | None:
+def _failure(view: GroupView, spec: LingDeploymentSpec, now: datetime) -> tuple[str, str] | None:
     """(reason, message) when this group must be restarted, else None."""
-    for rank, pod in sorted(view.pods.items()):
-        msg = failure_of(pod, rank)
-        if msg:
-            return Reason.RANK_FAILED, msg
+    for _, pod in sorted(view.pods.items()):
+        if pod.failure:
+            return Reason.RANK_FAILED, pod.failure
     prev_phase = view.prev_phase()
     if view.prev is not None and prev_phase != "Restarting":
-        gone = sorted(r for r, p in view.pods.items() if is_terminating(p))
+        gone = sorted(r for r, p in view.pods.items() if p.terminating)
         if gone:
             return Reason.RANK_FAILED, f"{_ranks_text(gone)} deleted"
-    live = view.live
-    missing = [r for r in range(shape.pods) if r not in live]
-    started = any(p.get("status", {}).get("phase") == "Running" for p in live.values()) or prev_phase in (
-        "Loading",
-        "Ready",
-    )
+    live, pods = view.live, spec.pods_per_group
+    missing = [r for r in range(pods) if r not in live]
+    started = any(p.running for p in live.values()) or prev_phase in ("Loading", "Ready")
     if missing and live and started:
         return Reason.RANK_FAILED, f"{_ranks_text(missing)} missing"
-    since = parse_time((view.prev or {}).get("formingSince"))
-    phase = _observed_phase(view, shape)
+    since = None if view.prev is None else view.prev.forming_since
+    phase = view.observed_phase(pods)
     if since is not None and phase in ("Forming", "Loading"):
-        limit = shape.rendezvous_timeout + (shape.startup_timeout if phase == "Loading" else 0)
+        limit = _rendezvous_limit(spec, phase)
         if (now - since).total_seconds() > limit:
-            if phase == "Forming":
-                waiting = [
-                    r for r in range(shape.pods) if live[r].get("status", {}).get("phase") != "Running"
-                ]
-            else:
-                waiting = [r for r in range(shape.pods) if not is_ready(live[r])]
+            waiting = view.not_running(pods) if phase == "Forming" else view.not_ready(pods)
             return (
                 Reason.RENDEZVOUS_TIMEOUT,
                 f"rendezvous timed out after {limit} s: {_ranks_text(waiting)} not joined",
             )
     return None
-
-
-def _rank_status(view: GroupView, shape: Shape, name: str, index: int) -> list[dict[str, Any]]:
-    ranks = []
-    for rank in range(shape.pods):
-        pod = view.live.get(rank)
-        entry: dict[str, Any] = {"rank": rank, "pod": rendezvous.pod_name(name, index, rank), "ready": False}
-        if pod is not None:
-            node = pod.get("spec", {}).get("nodeName")
-            if node:
-                entry["node"] = node
-            entry["ready"] = is_ready(pod)
-        ranks.append(entry)
-    return ranks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,467 +210,467 @@ def _rank_status(view: GroupView, shape: Shape, name: str, index: int) -> list[d
 def reconcile(
     owner: resources.Owner,
     generation: int,
-    spec: Mapping[str, Any],
-    status: Mapping[str, Any],
-    pods: Iterable[Mapping[str, Any]],
+    spec: LingDeploymentSpec,
+    status: LingDeploymentStatus,
+    pods: Iterable[ObservedPod],
     services: Iterable[str],
     now: datetime,
     *,
     default_image: str = resources.DEFAULT_RUNTIME_IMAGE,
 ) -> Plan:
-    """One pass: `spec` has defaults applied (resources.with_defaults); `pods` are the pods labelled
-    with this deployment (any owner); `services` the names of its Services that exist."""
-    shape = Shape.of(spec)
-    desired_rev = resources.revision_of(spec, default_image)
-    plan = Plan()
+    """One pass: `pods` are the pods labelled with this deployment (any owner); `services` the names of
+    its Services that exist. The plan's status is the whole status to write."""
+    return _Pass(owner, generation, spec, status, now, default_image).run(pods, services)
 
-    existing_services = set(services)
-    for svc in (resources.build_ranks_service(owner), resources.build_client_service(owner)):
-        if svc["metadata"]["name"] not in existing_services:
-            plan.create_services.append(svc)
 
-    prev_groups: dict[int, dict[str, Any]] = {}
-    for entry in status.get("groups") or []:
-        prev_groups[int(entry["index"])] = dict(entry)
+class _Pass:
+    """The working state of one reconcile pass; each step is a method, in the order `run` calls them."""
 
-    blocked: set[int] = set()  # indices whose old pods still exist outside any slot: names not reusable
-    draining: set[int] = set()  # blocked indices whose pods are going away (still holding their GPUs)
-    by_group: dict[int, dict[int, dict[str, Any]]] = {}
-    for pod in pods:
-        g, r = pod_group(pod), pod_rank(pod)
-        if g is None or r is None:
-            continue
-        owners = pod.get("metadata", {}).get("ownerReferences") or []
-        if not any(o.get("uid") == owner.uid for o in owners):
-            blocked.add(g)  # left over from an earlier object of the same name: never touch, never reuse
-            if is_terminating(pod):
-                draining.add(g)
-            continue
-        by_group.setdefault(g, {})[r] = dict(pod)
+    def __init__(
+        self,
+        owner: resources.Owner,
+        generation: int,
+        spec: LingDeploymentSpec,
+        status: LingDeploymentStatus,
+        now: datetime,
+        default_image: str,
+    ) -> None:
+        self.owner, self.generation, self.spec, self.status = owner, generation, spec, status
+        self.now, self.stamp = now, whole_seconds(now)
+        self.default_image = default_image
+        self.pods = spec.pods_per_group
+        self.desired_rev = resources.revision_of(spec, default_image)
+        self.plan = Plan()
+        self.views: dict[int, GroupView] = {}
+        self.entries: dict[int, GroupStatus] = {}  # the groups' new status
+        self.decided: dict[int, GroupPhase] = {}  # phases failure handling set (Restarting, Failed)
+        self.blocked: set[int] = set()  # indices whose old pods still exist outside any slot: not reusable
+        self.draining: set[int] = set()  # blocked indices whose pods are going away (still holding GPUs)
+        self.to_create: set[int] = set()  # groups whose missing ranks are created this pass
+        self.removed: set[int] = set()
+        self.slots: set[int] = set()
+        self.old: set[int] = set()
 
-    views: dict[int, GroupView] = {}
-    for g in sorted(set(prev_groups) | set(by_group)):
-        view = GroupView(g, by_group.get(g, {}), prev_groups.get(g))
-        if view.prev is None and not view.live:
-            blocked.add(g)  # terminating pods of a group we already removed
-            draining.add(g)
-            continue
-        views[g] = view
+    def run(self, pods: Iterable[ObservedPod], services: Iterable[str]) -> Plan:
+        self._services(set(services))
+        self._observe(pods)
+        for g in list(self.views):
+            self._failures(g)
+        self.slots = set(self.views)
+        self.old = {g for g in self.slots if not self._is_new(g)}
+        self._scale_down()
+        self._roll()
+        self._create()
+        groups, waits = self._group_status()
+        if self.plan.delete_pods:
+            self.plan.wake_in(TERMINATING_REQUEUE_SECONDS)
+        self.plan.status = self._status(groups, waits)
+        return self.plan
 
-    new_status: dict[int, dict[str, Any]] = {}
-    to_create: set[int] = set()  # groups whose missing ranks are created this pass
+    # -- observation ------------------------------------------------------------------------------------
 
-    def delete_group(view: GroupView) -> None:
-        for rank in sorted(view.live):
-            plan.delete_pods.append(rendezvous.pod_name(owner.name, view.index, rank))
+    def _services(self, existing: set[str]) -> None:
+        if rendezvous.ranks_service_name(self.owner.name) not in existing:
+            self.plan.create_services.append(resources.build_ranks_service(self.owner))
+        if self.owner.name not in existing:
+            self.plan.create_services.append(resources.build_client_service(self.owner))
 
-    # 1. Failures and restarts.
-    for g, view in views.items():
-        prev = view.prev or {}
-        entry: dict[str, Any] = {
-            "index": g,
-            "restarts": int(prev.get("restarts", 0)),
-        }
-        for key in ("lastRestartTime", "lastRestartReason", "formingSince", "readySince", "backoffSeconds"):
-            if prev.get(key):
-                entry[key] = prev[key]
-        if served_long_enough(entry.get("readySince"), now, shape.max_backoff):
-            # Restarts weeks apart are not a crash loop: the next one waits backoffSeconds again.
-            entry.pop("backoffSeconds", None)
-        new_status[g] = entry
+    def _observe(self, pods: Iterable[ObservedPod]) -> None:
+        prev_groups = {entry.index: entry for entry in self.status.groups}
+        by_group: dict[int, dict[int, ObservedPod]] = {}
+        for pod in pods:
+            g, r = pod.group, pod.rank
+            if g is None or r is None:
+                continue
+            if self.owner.uid not in pod.owner_uids:
+                self.blocked.add(g)  # left over from an earlier object of the same name: never touch or reuse
+                if pod.terminating:
+                    self.draining.add(g)
+                continue
+            by_group.setdefault(g, {})[r] = pod
+        for g in sorted(set(prev_groups) | set(by_group)):
+            view = GroupView(g, by_group.get(g, {}), prev_groups.get(g))
+            if view.prev is None and not view.live:
+                self.blocked.add(g)  # terminating pods of a group we already removed
+                self.draining.add(g)
+                continue
+            self.views[g] = view
 
+    # -- 1. failures and restarts -----------------------------------------------------------------------
+
+    def _carried_over(self, g: int, prev: GroupStatus | None) -> GroupStatus:
+        """A group's status entry with what survives from its previous one."""
+        if prev is None:
+            return GroupStatus(index=g, restarts=0)
+        entry = GroupStatus(
+            index=g,
+            restarts=prev.restarts,
+            last_restart_time=prev.last_restart_time,
+            last_restart_reason=prev.last_restart_reason or None,
+            forming_since=prev.forming_since,
+            ready_since=prev.ready_since,
+            backoff_seconds=prev.backoff_seconds or None,
+        )
+        if served_long_enough(entry.ready_since, self.now, self.spec.failure_policy.max_backoff_seconds):
+            entry.backoff_seconds = None  # restarts weeks apart are not a crash loop: start over
+        return entry
+
+    def _failures(self, g: int) -> None:
+        view, policy = self.views[g], self.spec.failure_policy
+        entry = self.entries[g] = self._carried_over(g, view.prev)
         if view.prev_phase() == "Restarting":
-            entry["phase"] = "Restarting"
-            if view.pods:
-                if view.live:
-                    delete_group(view)  # a restart interrupted before every rank was deleted
-                plan.wake_in(TERMINATING_REQUEUE_SECONDS)
-                continue
-            delay = entry.get("backoffSeconds")
-            if not isinstance(delay, int):
-                # A status written before backoffSeconds existed: the delay followed the restart count.
-                delay = restart_delay(entry["restarts"], shape.backoff, shape.max_backoff)
-            started = parse_time(entry.get("lastRestartTime")) or now
-            wait = (started + timedelta(seconds=delay) - now).total_seconds()
-            if wait > 0:
-                plan.wake_in(wait)
-                continue
-            to_create.add(g)
-            continue
-
-        if view.prev_phase() == "Failed" and not shape.restart_group and view.pods:
-            entry["phase"] = "Failed"  # kept for inspection until its pods are deleted or the spec changes
-            continue
-
-        failed = _failure(view, shape, now)
+            self._wait_for_restart(view, entry)
+            return
+        if view.prev_phase() == "Failed" and not policy.restart_group and view.pods:
+            self.decided[g] = "Failed"  # kept for inspection until its pods are deleted or the spec changes
+            return
+        failed = _failure(view, self.spec, self.now)
         if failed is None:
-            continue
+            return
         reason, message = failed
-        if not shape.restart_group:
-            entry["phase"] = "Failed"
-            entry["lastRestartReason"] = (
+        if not policy.restart_group:
+            self.decided[g] = "Failed"
+            entry.last_restart_reason = (
                 f"{message}; group {g} left failed (failurePolicy.restartGroup is false)"
             )
-            plan.events.append(
-                Event("Warning", Reason.RANK_FAILED, f"group {g}: {entry['lastRestartReason']}")
-            )
-            continue
-        entry["restarts"] += 1
-        delay = next_backoff(entry.get("backoffSeconds"), shape.backoff, shape.max_backoff)
-        entry["backoffSeconds"] = delay
-        entry.pop("readySince", None)
-        entry["phase"] = "Restarting"
-        entry["lastRestartTime"] = format_time(now)
-        entry["lastRestartReason"] = f"{message}, restarting group {g} in {delay} s"
-        entry.pop("formingSince", None)
-        delete_group(view)
-        plan.restarted_groups.append(g)
-        plan.events.append(Event("Warning", reason, entry["lastRestartReason"]))
-        plan.wake_in(max(delay, TERMINATING_REQUEUE_SECONDS))
+            self.plan.events.append(warning(Reason.RANK_FAILED, f"group {g}: {entry.last_restart_reason}"))
+            return
+        entry.restarts += 1
+        delay = next_backoff(entry.backoff_seconds, policy.backoff_seconds, policy.max_backoff_seconds)
+        entry.backoff_seconds = delay
+        entry.ready_since = None
+        entry.forming_since = None
+        entry.last_restart_time = self.stamp
+        entry.last_restart_reason = f"{message}, restarting group {g} in {delay} s"
+        self.decided[g] = "Restarting"
+        self._delete_group(view)
+        self.plan.restarted_groups.append(g)
+        self.plan.events.append(Event("Warning", reason, entry.last_restart_reason))
+        self.plan.wake_in(max(delay, TERMINATING_REQUEUE_SECONDS))
 
-    # 2. Which groups are at the desired revision, which are ready.
-    def is_new(g: int) -> bool:
-        view = views[g]
-        if new_status[g].get("phase") == "Restarting" or not view.live:
+    def _wait_for_restart(self, view: GroupView, entry: GroupStatus) -> None:
+        """A restarting group comes back once its pods are gone and its backoff has passed."""
+        self.decided[view.index] = "Restarting"
+        if view.pods:
+            if view.live:
+                self._delete_group(view)  # a restart interrupted before every rank was deleted
+            self.plan.wake_in(TERMINATING_REQUEUE_SECONDS)
+            return
+        policy = self.spec.failure_policy
+        delay = entry.backoff_seconds
+        if delay is None:
+            # A status written before backoffSeconds existed: the delay followed the restart count.
+            delay = restart_delay(entry.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
+        started = entry.last_restart_time or self.now
+        wait = (started + timedelta(seconds=delay) - self.now).total_seconds()
+        if wait > 0:
+            self.plan.wake_in(wait)
+        else:
+            self.to_create.add(view.index)
+
+    def _delete_group(self, view: GroupView) -> None:
+        for rank in sorted(view.live):
+            self.plan.delete_pods.append(rendezvous.pod_name(self.owner.name, view.index, rank))
+
+    # -- 2.-4. which groups stay: scale down, roll outdated ones ----------------------------------------
+
+    def _is_new(self, g: int) -> bool:
+        view = self.views[g]
+        if self.decided.get(g) == "Restarting" or not view.live:
             return True  # will be (re)created at the desired revision
-        return view.revisions() == {desired_rev}
+        return view.revisions() == {self.desired_rev}
 
-    def ready(g: int) -> bool:
-        return new_status[g].get("phase") is None and _observed_phase(views[g], shape) == "Ready"
+    def _ready(self, g: int) -> bool:
+        return g not in self.decided and self.views[g].observed_phase(self.pods) == "Ready"
 
-    slots = set(views)
-    old = {g for g in slots if not is_new(g)}
-    prev_desired = status.get("desiredReplicas")
-    scaling_up = not isinstance(prev_desired, int) or shape.replicas > prev_desired
-    allowed_total = shape.replicas + (shape.max_surge if old else 0)
-    removed: set[int] = set()
+    def _allowed_total(self) -> int:
+        return self.spec.replicas + (self.spec.rollout.max_surge if self.old else 0)
 
-    def remove(g: int, event: Event) -> None:
-        delete_group(views[g])
-        slots.discard(g)
-        old.discard(g)
-        to_create.discard(g)
-        removed.add(g)
-        if views[g].live:
-            blocked.add(g)
-            draining.add(g)
-        plan.events.append(event)
+    def _remove(self, g: int, event: Event) -> None:
+        self._delete_group(self.views[g])
+        self.slots.discard(g)
+        self.old.discard(g)
+        self.to_create.discard(g)
+        self.removed.add(g)
+        if self.views[g].live:
+            self.blocked.add(g)
+            self.draining.add(g)
+        self.plan.events.append(event)
 
-    # 3. Scale down by whole groups: outdated, then not-ready, then highest index first.
-    excess = len(slots) - allowed_total
-    if excess > 0:
-        for g in sorted(slots, key=lambda g: (g not in old, ready(g), -g))[:excess]:
-            remove(
-                g,
-                Event(
-                    "Normal",
-                    Reason.SCALING_DOWN,
-                    f"removing group {g}: {len(slots)} groups, {shape.replicas} wanted",
-                ),
+    def _scale_down(self) -> None:
+        """By whole groups: outdated, then not-ready, then highest index first."""
+        excess = len(self.slots) - self._allowed_total()
+        if excess <= 0:
+            return
+        for g in sorted(self.slots, key=lambda g: (g not in self.old, self._ready(g), -g))[:excess]:
+            message = f"removing group {g}: {len(self.slots)} groups, {self.spec.replicas} wanted"
+            self._remove(g, normal(Reason.SCALING_DOWN, message))
+
+    def _roll(self) -> None:
+        """Replace outdated groups within the availability budget, not-ready ones first."""
+        min_available = self.spec.replicas - max_unavailable(self.spec)
+        available = sum(1 for g in self.slots if self._ready(g))
+        for g in sorted(self.old, key=lambda g: (self._ready(g), -g)):
+            if self._ready(g):
+                if available - 1 < min_available:
+                    continue
+                available -= 1
+            revisions = ", ".join(sorted(self.views[g].revisions()))
+            message = (
+                f"replacing group {g} (revision {revisions} -> {self.desired_rev}); "
+                f"{available} of {self.spec.replicas} groups stay ready"
             )
-        allowed_total = shape.replicas + (shape.max_surge if old else 0)
+            self._remove(g, normal(Reason.ROLLING_UPDATE, message))
 
-    # 4. Roll outdated groups within the availability budget.
-    min_available = shape.replicas - shape.max_unavailable
-    available = sum(1 for g in slots if ready(g))
-    for g in sorted(old, key=lambda g: (ready(g), -g)):
-        if ready(g):
-            if available - 1 < min_available:
+    # -- 5. create ---------------------------------------------------------------------------------------
+
+    def _create(self) -> None:
+        """Absent slots, missing ranks of forming groups, then new groups at the lowest free index."""
+        for g in sorted(self.slots):
+            view = self.views[g]
+            if self.decided.get(g) in ("Restarting", "Failed") or view.terminating:
                 continue
-            available -= 1
-        remove(
-            g,
-            Event(
-                "Normal",
-                Reason.ROLLING_UPDATE,
-                f"replacing group {g} (revision {', '.join(sorted(views[g].revisions()))} -> {desired_rev}); "
-                f"{available} of {shape.replicas} groups stay ready",
-            ),
-        )
-    allowed_total = shape.replicas + (shape.max_surge if old else 0)
-
-    # 5. Create: absent slots, missing ranks of forming groups, then new groups at the lowest free index.
-    for g in sorted(slots):
-        view = views[g]
-        phase = new_status[g].get("phase")
-        if phase in ("Restarting", "Failed") or view.terminating:
-            continue
-        if len(view.live) < shape.pods:
-            to_create.add(g)
-    new_count = sum(1 for g in slots if is_new(g))
-    occupied = len(slots) + len(draining - slots)
-    index = 0
-    while occupied < allowed_total and new_count < shape.replicas:
-        while index in slots or index in blocked or index in removed:
-            index += 1
-        views[index] = GroupView(index, {}, None)
-        new_status[index] = {"index": index, "restarts": 0}
-        slots.add(index)
-        to_create.add(index)
-        occupied += 1
-        new_count += 1
-        # A new group is a scale-up only when spec.replicas rose above what was desired before;
-        # otherwise it replaces a group (a rollout with surge), and the event must not read as scaling.
-        if scaling_up:
-            event = Event(
-                "Normal",
-                Reason.SCALING_UP,
-                f"creating group {index} ({shape.pods} pods, revision {desired_rev})",
-            )
-        else:
-            event = Event(
-                "Normal",
-                Reason.ROLLING_UPDATE,
-                f"creating group {index} at revision {desired_rev} to replace an outdated or removed group",
-            )
-        plan.events.append(event)
-
-    for g in sorted(to_create):
-        view = views[g]
-        live = {} if new_status[g].get("phase") == "Restarting" else view.live
-        for pod in resources.build_group(owner, spec, g, default_image=default_image):
-            if pod_rank(pod) not in live:
-                plan.create_pods.append(pod)
-        if new_status[g].get("phase") == "Restarting":
-            plan.events.append(
-                Event("Normal", Reason.GROUP_RESTARTING, f"starting group {g} again after backoff")
-            )
-            new_status[g].pop("phase")
-        if not live:
-            new_status[g]["formingSince"] = format_time(now)
-
-    # 6. Per-group status.
-    groups_out: list[dict[str, Any]] = []
-    waits: list[str] = []
-    for g in sorted(slots):
-        view, entry = views[g], new_status[g]
-        created = g in to_create
-        if entry.get("phase") is None:
-            entry["phase"] = "Pending" if created else _observed_phase(view, shape)
-        phase = entry["phase"]
-        prev_phase = view.prev_phase()
-        if phase == "Ready":
-            entry.setdefault("readySince", format_time(now))
-        else:
-            entry.pop("readySince", None)  # the backoff reset counts uninterrupted service only
-        if phase == "Ready":
-            since = parse_time(entry.pop("formingSince", None))
-            if prev_phase != "Ready":
-                took = (now - since).total_seconds() if since else None
-                if took is not None:
-                    plan.rendezvous_seconds.append(took)
-                plan.events.append(
-                    Event(
-                        "Normal",
-                        "GroupReady",
-                        f"group {g} ready: all {shape.pods} ranks joined"
-                        + (f" in {took:.0f} s" if took is not None else ""),
+            if len(view.live) < self.pods:
+                self.to_create.add(g)
+        self._add_groups()
+        for g in sorted(self.to_create):
+            live = {} if self.decided.get(g) == "Restarting" else self.views[g].live
+            for rank in range(self.pods):
+                if rank not in live:
+                    pod = resources.build_pod(
+                        self.owner, self.spec, g, rank, default_image=self.default_image
                     )
+                    self.plan.create_pods.append(pod)
+            if self.decided.get(g) == "Restarting":
+                self.plan.events.append(
+                    normal(Reason.GROUP_RESTARTING, f"starting group {g} again after backoff")
                 )
+                del self.decided[g]
+            if not live:
+                self.entries[g].forming_since = self.stamp
+
+    def _add_groups(self) -> None:
+        previous = (
+            self.status.desired_replicas if "desired_replicas" in self.status.model_fields_set else None
+        )
+        scaling_up = previous is None or self.spec.replicas > previous
+        new_count = sum(1 for g in self.slots if self._is_new(g))
+        occupied = len(self.slots) + len(self.draining - self.slots)
+        index = 0
+        while occupied < self._allowed_total() and new_count < self.spec.replicas:
+            while index in self.slots or index in self.blocked or index in self.removed:
+                index += 1
+            self.views[index] = GroupView(index, {}, None)
+            self.entries[index] = GroupStatus(index=index, restarts=0)
+            self.slots.add(index)
+            self.to_create.add(index)
+            occupied += 1
+            new_count += 1
+            # A new group is a scale-up only when spec.replicas rose above what was desired before;
+            # otherwise it replaces a group (a rollout with surge), and the event must not read as scaling.
+            if scaling_up:
+                message = f"creating group {index} ({self.pods} pods, revision {self.desired_rev})"
+                self.plan.events.append(normal(Reason.SCALING_UP, message))
+            else:
+                message = (
+                    f"creating group {index} at revision {self.desired_rev} to replace an outdated or "
+                    "removed group"
+                )
+                self.plan.events.append(normal(Reason.ROLLING_UPDATE, message))
+
+    # -- 6. per-group status -----------------------------------------------------------------------------
+
+    def _group_status(self) -> tuple[list[GroupStatus], list[str]]:
+        groups: list[GroupStatus] = []
+        waits: list[str] = []
+        for g in sorted(self.slots):
+            view, entry = self.views[g], self.entries[g]
+            created = g in self.to_create
+            phase = self.decided.get(g) or ("Pending" if created else view.observed_phase(self.pods))
+            entry.phase = phase
+            self._track_rendezvous(view, entry)
+            if phase not in ("Ready", "Restarting", "Failed"):
+                waits.append(
+                    f"group {g}: creating {self.pods} pods"
+                    if created
+                    else _wait_message(view, self.spec, phase)
+                )
+            if phase == "Restarting" and entry.last_restart_reason:
+                waits.append(f"group {g}: {entry.last_restart_reason}")
+            revisions = view.revisions()
+            # A group being (re)created gets the desired revision; a mixed group reports its oldest.
+            entry.revision = (
+                self.desired_rev if created or phase == "Restarting" or not revisions else min(revisions)
+            )
+            if len(revisions) > 1:
+                entry.revision = min(r for r in revisions if r != self.desired_rev)
+            entry.master_address = rendezvous.master_address(self.owner.name, g, self.owner.namespace)
+            entry.ranks = self._rank_status(view)
+            groups.append(entry)
+        return groups, waits
+
+    def _track_rendezvous(self, view: GroupView, entry: GroupStatus) -> None:
+        """readySince, formingSince, the rendezvous deadline and the GroupReady event."""
+        phase, prev_phase = entry.phase, view.prev_phase()
+        # The backoff reset counts uninterrupted service only.
+        entry.ready_since = (entry.ready_since or self.stamp) if phase == "Ready" else None
+        if phase == "Ready":
+            since, entry.forming_since = entry.forming_since, None
+            if prev_phase != "Ready":
+                took = (self.now - since).total_seconds() if since else None
+                if took is not None:
+                    self.plan.rendezvous_seconds.append(took)
+                message = f"group {view.index} ready: all {self.pods} ranks joined" + (
+                    f" in {took:.0f} s" if took is not None else ""
+                )
+                self.plan.events.append(normal("GroupReady", message))
         elif phase in ("Forming", "Loading") and prev_phase in (None, "Pending"):
-            entry["formingSince"] = format_time(now)  # the rendezvous clock starts once all ranks are placed
-        if phase in ("Forming", "Loading") and entry.get("formingSince"):
-            since = parse_time(entry["formingSince"])
-            limit = shape.rendezvous_timeout + (shape.startup_timeout if phase == "Loading" else 0)
-            if since is not None:
-                plan.wake_in((since + timedelta(seconds=limit) - now).total_seconds() + 1)
-        if phase not in ("Ready", "Restarting", "Failed"):
-            waits.append(
-                f"group {g}: creating {shape.pods} pods" if created else _wait_message(view, shape, phase)
+            entry.forming_since = self.stamp  # the rendezvous clock starts once all ranks are placed
+        if phase in ("Forming", "Loading") and entry.forming_since is not None:
+            deadline = entry.forming_since + timedelta(seconds=_rendezvous_limit(self.spec, phase))
+            self.plan.wake_in((deadline - self.now).total_seconds() + 1)
+
+    def _rank_status(self, view: GroupView) -> list[RankStatus]:
+        ranks = []
+        live = view.live
+        for rank in range(self.pods):
+            pod = live.get(rank)
+            ranks.append(
+                RankStatus(
+                    rank=rank,
+                    pod=rendezvous.pod_name(self.owner.name, view.index, rank),
+                    node=None if pod is None else pod.node,
+                    ready=pod is not None and pod.ready,
+                )
             )
-        if phase == "Restarting" and entry.get("lastRestartReason"):
-            waits.append(f"group {g}: {entry['lastRestartReason']}")
-        revisions = view.revisions()
-        # A group being (re)created gets the desired revision; a mixed group reports its oldest.
-        entry["revision"] = (
-            desired_rev if created or phase == "Restarting" or not revisions else min(revisions)
+        return ranks
+
+    # -- 7. deployment status ----------------------------------------------------------------------------
+
+    def _status(self, groups: list[GroupStatus], waits: list[str]) -> LingDeploymentStatus:
+        replicas = self.spec.replicas
+        ours = _conditions(
+            _Outcome(replicas, groups, self.desired_rev, waits, bool(self.old), self.plan.events)
         )
-        if len(revisions) > 1:
-            entry["revision"] = min(r for r in revisions if r != desired_rev)
-        entry["masterAddress"] = rendezvous.master_address(owner.name, g, owner.namespace)
-        entry["ranks"] = _rank_status(view, shape, owner.name, g)
-        groups_out.append({k: entry[k] for k in _GROUP_KEYS if k in entry})
-
-    if plan.delete_pods:
-        plan.wake_in(TERMINATING_REQUEUE_SECONDS)
-
-    # 7. Deployment status and conditions.
-    ready_count = sum(1 for e in groups_out if e["phase"] == "Ready")
-    updated = sum(1 for e in groups_out if e["revision"] == desired_rev and e["phase"] != "Failed")
-    out: dict[str, Any] = {
-        "observedGeneration": generation,
-        "replicas": len(groups_out),
-        "readyReplicas": ready_count,
-        "updatedReplicas": updated,
-        "desiredReplicas": shape.replicas,
-        "selector": resources.selector_string(resources.head_selector(owner.name)),
-        "podsPerGroup": shape.pods,
-        "groups": groups_out,
-    }
-    conditions = _conditions(
-        shape=shape,
-        groups=groups_out,
-        desired_rev=desired_rev,
-        waits=waits,
-        old_left=bool(old),
-        plan=plan,
-    )
-    out["conditions"] = merge_conditions(status.get("conditions") or [], conditions, generation, now)
-    plan.status = out
-    return plan
-
-
-_GROUP_KEYS = (
-    "index",
-    "phase",
-    "revision",
-    "masterAddress",
-    "ranks",
-    "restarts",
-    "lastRestartTime",
-    "lastRestartReason",
-    "formingSince",
-    "backoffSeconds",
-    "readySince",
-)
-
-
-def _conditions(
-    *,
-    shape: Shape,
-    groups: list[dict[str, Any]],
-    desired_rev: str,
-    waits: list[str],
-    old_left: bool,
-    plan: Plan,
-) -> list[dict[str, str]]:
-    ready = sum(1 for e in groups if e["phase"] == "Ready")
-    detail = "; ".join(waits[:3]) + ("; ..." if len(waits) > 3 else "")
-    conds: list[dict[str, str]] = []
-
-    if shape.replicas == 0:
-        conds.append(
-            _cond(ConditionType.READY, "True", Reason.SCALED_TO_ZERO, "replicas is 0: no groups wanted")
+        return self.status.model_copy(
+            update={
+                "observed_generation": self.generation,
+                "replicas": len(groups),
+                "ready_replicas": sum(1 for e in groups if e.phase == "Ready"),
+                "updated_replicas": sum(
+                    1 for e in groups if e.revision == self.desired_rev and e.phase != "Failed"
+                ),
+                "desired_replicas": replicas,
+                "selector": resources.selector_string(resources.head_selector(self.owner.name)),
+                "pods_per_group": self.pods,
+                "groups": groups,
+                "conditions": conditions.merge(self.status.conditions, ours, self.generation, self.now),
+            }
         )
-    elif ready >= shape.replicas:
-        conds.append(
-            _cond(
-                ConditionType.READY,
-                "True",
-                Reason.ALL_GROUPS_READY,
-                f"{ready} of {shape.replicas} groups ready",
-            )
-        )
-    else:
-        msg = f"{ready} of {shape.replicas} groups ready" + (f"; {detail}" if detail else "")
-        conds.append(_cond(ConditionType.READY, "False", Reason.GROUPS_NOT_READY, msg))
 
-    updated = sum(1 for e in groups if e["revision"] == desired_rev)
-    waiting_gpus = [w for w in waits if "waiting for" in w and ("GPUs" in w or "scheduled" in w)]
-    if old_left or any(e.reason == Reason.ROLLING_UPDATE for e in plan.events):
-        prog = (Reason.ROLLING_UPDATE, f"{updated} of {shape.replicas} groups at revision {desired_rev}")
+
+# ---------------------------------------------------------------------------------------------------------
+# Conditions: Ready, Progressing, RendezvousReady, Degraded (the autoscaler owns the others).
+
+
+def _detail(waits: list[str]) -> str:
+    return "; ".join(waits[:3]) + ("; ..." if len(waits) > 3 else "")
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the conditions are computed from: the pass's groups, waits and events."""
+
+    replicas: int
+    groups: list[GroupStatus]
+    desired_rev: str
+    waits: list[str]  # one line per group that is not serving yet, and why
+    old_left: bool  # outdated groups remain
+    events: list[Event]
+
+    def ready(self) -> int:
+        return sum(1 for e in self.groups if e.phase == "Ready")
+
+
+def _conditions(outcome: _Outcome) -> list[Condition]:
+    return [_ready(outcome), _progressing(outcome), _rendezvous_ready(outcome), _degraded(outcome.groups)]
+
+
+def _ready(o: _Outcome) -> Condition:
+    if o.replicas == 0:
+        return conditions.condition(
+            ConditionType.READY, "True", Reason.SCALED_TO_ZERO, "replicas is 0: no groups wanted"
+        )
+    message = f"{o.ready()} of {o.replicas} groups ready"
+    if o.ready() >= o.replicas:
+        return conditions.condition(ConditionType.READY, "True", Reason.ALL_GROUPS_READY, message)
+    detail = _detail(o.waits)
+    message += f"; {detail}" if detail else ""
+    return conditions.condition(ConditionType.READY, "False", Reason.GROUPS_NOT_READY, message)
+
+
+def _progressing(o: _Outcome) -> Condition:
+    reasons = {e.reason for e in o.events}
+    groups, replicas = o.groups, o.replicas
+    updated = sum(1 for e in groups if e.revision == o.desired_rev)
+    waiting_gpus = [w for w in o.waits if "waiting for" in w and ("GPUs" in w or "scheduled" in w)]
+    if o.old_left or Reason.ROLLING_UPDATE in reasons:
+        prog = (Reason.ROLLING_UPDATE, f"{updated} of {replicas} groups at revision {o.desired_rev}")
     elif waiting_gpus:
         prog = (Reason.WAITING_FOR_GPUS, "; ".join(waiting_gpus[:3]))
-    elif len(groups) < shape.replicas or any(e.reason == Reason.SCALING_UP for e in plan.events):
-        prog = (Reason.SCALING_UP, f"{len(groups)} of {shape.replicas} groups exist")
-    elif len(groups) > shape.replicas or any(e.reason == Reason.SCALING_DOWN for e in plan.events):
-        prog = (Reason.SCALING_DOWN, f"{len(groups)} groups, {shape.replicas} wanted")
-    elif any(e["phase"] not in ("Ready",) for e in groups):
-        prog = (Reason.LOADING_WEIGHTS, detail or "groups are starting")
+    elif len(groups) < replicas or Reason.SCALING_UP in reasons:
+        prog = (Reason.SCALING_UP, f"{len(groups)} of {replicas} groups exist")
+    elif len(groups) > replicas or Reason.SCALING_DOWN in reasons:
+        prog = (Reason.SCALING_DOWN, f"{len(groups)} groups, {replicas} wanted")
+    elif any(e.phase != "Ready" for e in groups):
+        prog = (Reason.LOADING_WEIGHTS, _detail(o.waits) or "groups are starting")
     else:
-        prog = None
-    if prog is None:
-        conds.append(
-            _cond(
-                ConditionType.PROGRESSING,
-                "False",
-                Reason.UP_TO_DATE,
-                f"{len(groups)} groups at revision {desired_rev}, all ready",
-            )
-        )
-    else:
-        conds.append(_cond(ConditionType.PROGRESSING, "True", *prog))
+        message = f"{len(groups)} groups at revision {o.desired_rev}, all ready"
+        return conditions.condition(ConditionType.PROGRESSING, "False", Reason.UP_TO_DATE, message)
+    return conditions.condition(ConditionType.PROGRESSING, "True", *prog)
 
-    not_joined = [e for e in groups if e["phase"] != "Ready"]
-    timeouts = [e for e in plan.events if e.reason == Reason.RENDEZVOUS_TIMEOUT]
+
+def _rendezvous_ready(o: _Outcome) -> Condition:
+    groups = o.groups
+    not_joined = [e for e in groups if e.phase != "Ready"]
+    timeouts = [e for e in o.events if e.reason == Reason.RENDEZVOUS_TIMEOUT]
     if timeouts:
-        conds.append(
-            _cond(ConditionType.RENDEZVOUS_READY, "False", Reason.RENDEZVOUS_TIMEOUT, timeouts[0].message)
+        return conditions.condition(
+            ConditionType.RENDEZVOUS_READY, "False", Reason.RENDEZVOUS_TIMEOUT, timeouts[0].message
         )
-    elif not_joined:
-        msg = f"{len(groups) - len(not_joined)} of {len(groups)} groups formed" + (
+    if not_joined:
+        detail = _detail(o.waits)
+        message = f"{len(groups) - len(not_joined)} of {len(groups)} groups formed" + (
             f"; {detail}" if detail else ""
         )
-        conds.append(_cond(ConditionType.RENDEZVOUS_READY, "False", Reason.WAITING_FOR_RANKS, msg))
-    else:
-        conds.append(
-            _cond(
-                ConditionType.RENDEZVOUS_READY,
-                "True",
-                Reason.ALL_RANKS_JOINED,
-                f"every rank of {len(groups)} groups joined",
-            )
+        return conditions.condition(
+            ConditionType.RENDEZVOUS_READY, "False", Reason.WAITING_FOR_RANKS, message
         )
+    message = f"every rank of {len(groups)} groups joined"
+    return conditions.condition(ConditionType.RENDEZVOUS_READY, "True", Reason.ALL_RANKS_JOINED, message)
 
-    failed = [e for e in groups if e["phase"] == "Failed"]
-    restarting = [e for e in groups if e["phase"] == "Restarting"]
+
+def _degraded(groups: list[GroupStatus]) -> Condition:
+    failed = [e for e in groups if e.phase == "Failed"]
+    restarting = [e for e in groups if e.phase == "Restarting"]
     if failed:
-        conds.append(
-            _cond(
-                ConditionType.DEGRADED,
-                "True",
-                Reason.RANK_FAILED,
-                "; ".join(f"group {e['index']}: {e.get('lastRestartReason', 'failed')}" for e in failed[:3]),
-            )
-        )
-    elif restarting:
-        latest = max(restarting, key=lambda e: e.get("lastRestartTime") or "")
-        conds.append(
-            _cond(
-                ConditionType.DEGRADED,
-                "True",
-                Reason.GROUP_RESTARTING,
-                f"{latest.get('lastRestartReason', 'restarting')} (restart {latest['restarts']})",
-            )
-        )
-    else:
-        conds.append(_cond(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "no group is failing"))
-    return conds
-
-
-def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, str]:
-    return {"type": type_, "status": status, "reason": reason, "message": message}
-
-
-def merge_conditions(
-    previous: Iterable[Mapping[str, Any]],
-    current: Iterable[Mapping[str, Any]],
-    generation: int,
-    now: datetime,
-) -> list[dict[str, Any]]:
-    """Replace our condition types, keep others (the autoscaler's); a condition keeps its
-    lastTransitionTime while its status stays the same."""
-    prev_by_type = {c["type"]: dict(c) for c in previous}
-    merged: dict[str, dict[str, Any]] = dict(prev_by_type)
-    for cond in current:
-        old = prev_by_type.get(cond["type"])
-        entry = dict(cond)
-        entry["observedGeneration"] = generation
-        if old is not None and old.get("status") == cond["status"] and old.get("lastTransitionTime"):
-            entry["lastTransitionTime"] = old["lastTransitionTime"]
-        else:
-            entry["lastTransitionTime"] = format_time(now)
-        merged[cond["type"]] = entry
-    order = {t: i for i, t in enumerate(ConditionType.ALL)}
-    return sorted(merged.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+        message = "; ".join(f"group {e.index}: {e.last_restart_reason or 'failed'}" for e in failed[:3])
+        return conditions.condition(ConditionType.DEGRADED, "True", Reason.RANK_FAILED, message)
+    if restarting:
+        latest = max(restarting, key=lambda e: e.last_restart_time or _EPOCH)
+        message = f"{latest.last_restart_reason or 'restarting'} (restart {latest.restarts})"
+        return conditions.condition(ConditionType.DEGRADED, "True", Reason.GROUP_RESTARTING, message)
+    return conditions.condition(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "no group is failing")
 
 
 def invalid_spec_status(
-    status: Mapping[str, Any], generation: int, message: str, now: datetime
-) -> dict[str, Any]:
+    status: LingDeploymentStatus, generation: int, message: str, now: datetime
+) -> LingDeploymentStatus:
     """Status for a spec the operator refuses: nothing is changed, Degraded says why."""
-    cond = _cond(ConditionType.DEGRADED, "True", Reason.INVALID_SPEC, message)
-    return {
-        "observedGeneration": generation,
-        "conditions": merge_conditions(status.get("conditions") or [], [cond], generation, now),
-    }
+    degraded = conditions.condition(ConditionType.DEGRADED, "True", Reason.INVALID_SPEC, message)
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": conditions.merge(status.conditions, [degraded], generation, now),
+        }
+    )

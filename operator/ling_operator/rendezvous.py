@@ -3,15 +3,15 @@
 Everything a serving pod needs to find its group comes from here: the master address is derived
 from deterministic names (never discovered at runtime, so no DNS race decides who is rank 0), and
 the runtime's `cli.py` parses exactly the argument lists built below (a test holds them together).
-All builders are pure functions of a spec dict in Kubernetes JSON shape (camelCase keys, defaults
-applied by `resources.with_defaults`).
+All builders are pure functions of the validated spec (api.LingDeploymentSpec: every default filled).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
+
+from ling_operator.api import LingDeploymentSpec
 
 HTTP_PORT = 30000
 DIST_PORT = 2345
@@ -31,7 +31,6 @@ ENV_POD_IP = "LING_POD_IP"
 
 MODEL_MOUNT_PATH = "/models"
 HF_DOWNLOAD_DIR = "/models/hf"
-ENGINES = ("native", "sglang", "vllm")
 
 # Workers of the vLLM engine join the head's Ray cluster. The script is a constant: every value
 # it uses arrives through env (set by the pod spec) or "$@" (an argument list), never by string
@@ -62,16 +61,6 @@ def master_address(name: str, group: int, namespace: str) -> str:
     return f"{pod_name(name, group, 0)}.{ranks_service_name(name)}.{namespace}.svc"
 
 
-def pods_per_group(spec: Mapping[str, Any]) -> int:
-    parallelism = spec["parallelism"]
-    tensor, gpus_per_pod = int(parallelism["tensor"]), int(parallelism["gpusPerPod"])
-    if gpus_per_pod < 1 or tensor < 1 or tensor % gpus_per_pod:
-        raise ValueError(
-            f"spec.parallelism: tensor ({tensor}) must be a positive multiple of gpusPerPod ({gpus_per_pod})"
-        )
-    return tensor // gpus_per_pod
-
-
 def rank_env(name: str, namespace: str, group: int, rank: int, nnodes: int) -> list[dict[str, Any]]:
     """The LING_* env block of one rank; LING_POD_IP comes from the downward API."""
     values = {
@@ -90,77 +79,83 @@ def rank_env(name: str, namespace: str, group: int, rank: int, nnodes: int) -> l
     return env
 
 
-def model_path(spec: Mapping[str, Any]) -> str | None:
+def model_path(spec: LingDeploymentSpec) -> str | None:
     """Where the weights are inside the container; None means the runtime's built-in tiny model."""
-    source = spec["model"]["source"]
-    if "pvc" in source:
-        sub = str(source["pvc"].get("path") or "").strip("/")
+    source = spec.model.source
+    if source.pvc is not None:
+        sub = source.pvc.path.strip("/")
         return f"{MODEL_MOUNT_PATH}/{sub}" if sub else MODEL_MOUNT_PATH
-    if "hostPath" in source:
+    if source.host_path is not None:
         return MODEL_MOUNT_PATH
-    if "huggingFace" in source:
+    if source.hugging_face is not None:
         return HF_DOWNLOAD_DIR
-    if "builtin" in source:
-        return None
-    raise ValueError(
-        f"spec.model.source: expected one of pvc, hostPath, huggingFace, builtin; got {sorted(source)}"
-    )
+    return None  # builtin
 
 
-def _rope_override(spec: Mapping[str, Any]) -> str | None:
+def _rope_override(spec: LingDeploymentSpec) -> str | None:
     """The seed's --json-model-override-args for YaRN, from spec.model.ropeScaling."""
-    rope = spec["model"].get("ropeScaling")
-    if not rope:
+    rope = spec.model.rope_scaling
+    if rope is None:
         return None
-    scaling: dict[str, Any] = {"rope_type": rope.get("type", "yarn"), "factor": float(rope["factor"])}
-    if rope.get("originalMaxPositionEmbeddings"):
-        scaling["original_max_position_embeddings"] = int(rope["originalMaxPositionEmbeddings"])
+    scaling: dict[str, Any] = {"rope_type": rope.type, "factor": float(rope.factor)}
+    if rope.original_max_position_embeddings:
+        scaling["original_max_position_embeddings"] = int(rope.original_max_position_embeddings)
     return json.dumps({"rope_scaling": scaling}, separators=(",", ":"), sort_keys=True)
 
 
-def _sglang_style_flags(spec: Mapping[str, Any]) -> list[str]:
+def _sglang_style_flags(spec: LingDeploymentSpec) -> list[str]:
     """Flags shared by our runtime and SGLang (same names, so the seed recipe carries over)."""
-    model, runtime, spec_dec = spec["model"], spec.get("runtime") or {}, spec.get("speculative") or {}
+    runtime, spec_dec = spec.runtime, spec.speculative
     args: list[str] = []
-    if model.get("contextLength"):
-        args += ["--context-length", str(model["contextLength"])]
+    if spec.model.context_length:
+        args += ["--context-length", str(spec.model.context_length)]
     override = _rope_override(spec)
     if override:
         args += ["--json-model-override-args", override]
-    if runtime.get("toolCallParser"):
-        args += ["--tool-call-parser", str(runtime["toolCallParser"])]
-    if runtime.get("maxRunningRequests"):
-        args += ["--max-running-requests", str(runtime["maxRunningRequests"])]
-    if runtime.get("memFractionStatic"):
-        args += ["--mem-fraction-static", str(runtime["memFractionStatic"])]
-    if runtime.get("maxMambaCacheSize"):
-        args += ["--max-mamba-cache-size", str(runtime["maxMambaCacheSize"])]
-    if spec_dec.get("enabled"):
+    optional = (
+        ("--tool-call-parser", runtime.tool_call_parser),
+        ("--max-running-requests", runtime.max_running_requests),
+        ("--mem-fraction-static", runtime.mem_fraction_static),
+        ("--max-mamba-cache-size", runtime.max_mamba_cache_size),
+    )
+    for flag, value in optional:
+        if value:
+            args += [flag, str(value)]
+    if spec_dec.enabled:
         args += [
             "--speculative-algorithm",
-            str(spec_dec.get("algorithm", "NEXTN")),
+            spec_dec.algorithm,
             "--speculative-num-steps",
-            str(spec_dec.get("numSteps", 3)),
+            str(spec_dec.num_steps),
             "--speculative-eagle-topk",
-            str(spec_dec.get("topK", 1)),
+            str(spec_dec.top_k),
             "--speculative-num-draft-tokens",
-            str(spec_dec.get("numDraftTokens", 4)),
+            str(spec_dec.num_draft_tokens),
         ]
     return args
 
 
-def native_command(spec: Mapping[str, Any], rank: int) -> list[str]:
+def _weights(spec: LingDeploymentSpec, engine: str) -> str:
+    path = model_path(spec)
+    if path is None:
+        raise ValueError(
+            f"spec.model.source: the {engine} engine needs weights (pvc, hostPath or huggingFace)"
+        )
+    return path
+
+
+def native_command(spec: LingDeploymentSpec, rank: int) -> list[str]:
     """`ling-runtime serve ...` exactly as docs/architecture.md writes it."""
-    nnodes = pods_per_group(spec)
+    nnodes = spec.pods_per_group
     args = ["ling-runtime", "serve"]
     path = model_path(spec)
     if path is not None:
         args += ["--model-path", path]
     args += [
         "--served-model-name",
-        str(spec["model"]["name"]),
+        spec.model.name,
         "--tp-size",
-        str(spec["parallelism"]["tensor"]),
+        str(spec.parallelism.tensor),
         "--nnodes",
         str(nnodes),
         "--node-rank",
@@ -172,31 +167,28 @@ def native_command(spec: Mapping[str, Any], rank: int) -> list[str]:
         "--port",
         str(HTTP_PORT),
         "--device",
-        str(spec["engine"].get("device", "cuda")),
+        spec.engine.device,
     ]
     if nnodes > 1:
         # Workers retry the master for at most this long, then exit with a clear error (-> group restart).
-        timeout = int((spec.get("failurePolicy") or {}).get("rendezvousTimeoutSeconds", 900))
+        timeout = spec.failure_policy.rendezvous_timeout_seconds
         args += ["--ray-port", str(RAY_PORT), "--rendezvous-timeout", str(timeout)]
     # No --dtype: like SGLang, the runtime takes the dtype of the checkpoint it loads (bf16 or fp8).
-    return args + _sglang_style_flags(spec) + [str(a) for a in spec["engine"].get("extraArgs") or []]
+    return args + _sglang_style_flags(spec) + list(spec.engine.extra_args)
 
 
-def sglang_command(spec: Mapping[str, Any], rank: int) -> list[str]:
+def sglang_command(spec: LingDeploymentSpec, rank: int) -> list[str]:
     """The seed's `python -m sglang.launch_server` recipe, one process per pod (node rank)."""
-    path = model_path(spec)
-    if path is None:
-        raise ValueError("spec.model.source: the sglang engine needs weights (pvc, hostPath or huggingFace)")
     args = [
         "python3",
         "-m",
         "sglang.launch_server",
         "--model-path",
-        path,
+        _weights(spec, "sglang"),
         "--served-model-name",
-        str(spec["model"]["name"]),
+        spec.model.name,
         "--tp-size",
-        str(spec["parallelism"]["tensor"]),
+        str(spec.parallelism.tensor),
         "--pp-size",
         "1",
         "--dp-size",
@@ -205,7 +197,7 @@ def sglang_command(spec: Mapping[str, Any], rank: int) -> list[str]:
         "--dist-init-addr",
         f"$({ENV_MASTER_ADDR}):{DIST_PORT}",
         "--nnodes",
-        str(pods_per_group(spec)),
+        str(spec.pods_per_group),
         "--node-rank",
         str(rank),
         "--host",
@@ -214,60 +206,50 @@ def sglang_command(spec: Mapping[str, Any], rank: int) -> list[str]:
         str(HTTP_PORT),
         "--enable-metrics",
     ]
-    if spec["model"].get("dtype") == "fp8":
+    if spec.model.dtype == "fp8":
         args += ["--quantization", "fp8"]
-    if (spec.get("speculative") or {}).get("enabled"):
+    if spec.speculative.enabled:
         args += ["--mamba-scheduler-strategy", "extra_buffer"]
-    return args + _sglang_style_flags(spec) + [str(a) for a in spec["engine"].get("extraArgs") or []]
+    return args + _sglang_style_flags(spec) + list(spec.engine.extra_args)
 
 
-def vllm_command(spec: Mapping[str, Any], rank: int) -> list[str]:
+def vllm_command(spec: LingDeploymentSpec, rank: int) -> list[str]:
     """vLLM across pods through Ray: the head starts Ray then serves; workers join the head's Ray."""
     if rank > 0:
         return ["bash", "-c", RAY_WORKER_SCRIPT]
-    path = model_path(spec)
-    if path is None:
-        raise ValueError("spec.model.source: the vllm engine needs weights (pvc, hostPath or huggingFace)")
     serve = [
         "vllm",
         "serve",
-        path,
+        _weights(spec, "vllm"),
         "--served-model-name",
-        str(spec["model"]["name"]),
+        spec.model.name,
         "--trust-remote-code",
         "--tensor-parallel-size",
-        str(spec["parallelism"]["tensor"]),
+        str(spec.parallelism.tensor),
         "--host",
         f"$({ENV_POD_IP})",
         "--port",
         str(HTTP_PORT),
     ]
-    if pods_per_group(spec) > 1:
+    if spec.pods_per_group > 1:
         serve += ["--distributed-executor-backend", "ray"]
-    if spec["model"].get("contextLength"):
-        serve += ["--max-model-len", str(spec["model"]["contextLength"])]
+    if spec.model.context_length:
+        serve += ["--max-model-len", str(spec.model.context_length)]
     rope = _rope_override(spec)
     if rope:
         serve += ["--hf-overrides", rope]
-    if spec["model"].get("dtype") == "fp8":
+    if spec.model.dtype == "fp8":
         serve += ["--quantization", "fp8"]
-    spec_dec = spec.get("speculative") or {}
-    if spec_dec.get("enabled"):
-        config = {"method": "mtp", "num_speculative_tokens": int(spec_dec.get("numSteps", 3))}
+    if spec.speculative.enabled:
+        config = {"method": "mtp", "num_speculative_tokens": spec.speculative.num_steps}
         serve += ["--speculative-config", json.dumps(config, separators=(",", ":"), sort_keys=True)]
-    serve += [str(a) for a in spec["engine"].get("extraArgs") or []]
-    if pods_per_group(spec) == 1:
+    serve += spec.engine.extra_args
+    if spec.pods_per_group == 1:
         return serve
     # "$0" is the script name slot of `bash -c`; the serve argv follows as "$@".
     return ["bash", "-c", RAY_HEAD_SCRIPT, "ray-head", *serve]
 
 
-def engine_command(spec: Mapping[str, Any], rank: int) -> list[str]:
-    engine = spec["engine"].get("type", "native")
-    if engine == "native":
-        return native_command(spec, rank)
-    if engine == "sglang":
-        return sglang_command(spec, rank)
-    if engine == "vllm":
-        return vllm_command(spec, rank)
-    raise ValueError(f"spec.engine.type: expected one of {', '.join(ENGINES)}; got {engine!r}")
+def engine_command(spec: LingDeploymentSpec, rank: int) -> list[str]:
+    commands = {"native": native_command, "sglang": sglang_command, "vllm": vllm_command}
+    return commands[spec.engine.type](spec, rank)

@@ -1,4 +1,4 @@
-"""Pure builders: a LingDeployment spec (+ group, rank) -> Pods and Services as Kubernetes JSON dicts.
+"""Pure builders: a validated LingDeployment spec (+ group, rank) -> Pods and Services as Kubernetes JSON.
 
 No API calls here. The handlers create exactly what these functions return, and the revision label
 (`revision_of`) hashes everything that reaches a pod, so a change to any of it is seen as "outdated
@@ -33,6 +33,12 @@ DOWNLOAD_CONTAINER_NAME = "model-download"
 MODEL_VOLUME = "model"
 SHM_VOLUME = "dshm"
 PROBE_PERIOD_SECONDS = 10
+# Rank 0 and the client Service: metrics on the HTTP port.
+PROMETHEUS_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(rendezvous.HTTP_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 # The downloader is a constant program; the repo, revision and target arrive as argv, never spliced
 # into code. snapshot_download skips files already present, so a shared volume downloads only once.
@@ -54,31 +60,31 @@ class Owner:
     uid: str
 
 
-def with_defaults(raw_spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a stored spec with the API models and return it with every default filled in.
+def validated_spec(raw_spec: Mapping[str, Any]) -> api.LingDeploymentSpec:
+    """The stored spec as the API model, every default filled in.
 
     Raises api.ValidationError (a ValueError) naming the field when the spec is not acceptable.
     """
-    return api.LingDeploymentSpec.model_validate(dict(raw_spec)).to_k8s()
+    return api.LingDeploymentSpec.model_validate(raw_spec)
 
 
-def pod_shaping(spec: Mapping[str, Any], default_image: str) -> dict[str, Any]:
+POD_SHAPING = {"model", "engine", "parallelism", "speculative", "runtime", "template"}
+
+
+def pod_shaping(spec: api.LingDeploymentSpec, default_image: str) -> dict[str, Any]:
     """The parts of a spec that reach a pod; replicas, autoscaling, rollout and failurePolicy do not."""
-    engine = dict(spec["engine"])
-    engine.setdefault("image", default_image)
-    return {
-        "model": spec["model"],
-        "engine": engine,
-        "parallelism": spec["parallelism"],
-        "speculative": spec.get("speculative") or {},
-        "runtime": spec.get("runtime") or {},
-        "template": spec.get("template") or {},
-    }
+    shaping = spec.model_dump(mode="json", by_alias=True, exclude_none=True, include=POD_SHAPING)
+    shaping["engine"].setdefault("image", default_image)
+    return shaping
 
 
-def revision_of(spec: Mapping[str, Any], default_image: str = DEFAULT_RUNTIME_IMAGE) -> str:
-    canonical = json.dumps(pod_shaping(spec, default_image), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+def revision_of(spec: api.LingDeploymentSpec, default_image: str = DEFAULT_RUNTIME_IMAGE) -> str:
+    """Hash of everything that reaches a pod (a change rolls the groups); computed once per spec."""
+    key = f"revision:{default_image}"
+    if key not in spec._derived:
+        canonical = json.dumps(pod_shaping(spec, default_image), sort_keys=True, separators=(",", ":"))
+        spec._derived[key] = hashlib.sha256(canonical.encode()).hexdigest()[:10]
+    return str(spec._derived[key])
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:
@@ -120,14 +126,14 @@ def selector_string(selector: Mapping[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
 
 
-def _gpu_resources(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    template_resources = (spec.get("template") or {}).get("resources") or {}
+def _gpu_resources(spec: api.LingDeploymentSpec) -> dict[str, dict[str, Any]]:
+    template_resources = spec.template.resources
     # Quantities are strings on the wire (the API accepts numbers, typed clients do not).
-    limits = {k: str(v) for k, v in (template_resources.get("limits") or {}).items()}
-    requests = {k: str(v) for k, v in (template_resources.get("requests") or {}).items()}
-    if spec["engine"].get("device", "cuda") == "cuda":
+    limits = {k: str(v) for k, v in (template_resources.limits if template_resources else {}).items()}
+    requests = {k: str(v) for k, v in (template_resources.requests if template_resources else {}).items()}
+    if spec.engine.device == "cuda":
         # Extended resources need requests == limits; the operator owns this one.
-        gpus = str(int(spec["parallelism"]["gpusPerPod"]))
+        gpus = str(spec.parallelism.gpus_per_pod)
         limits["nvidia.com/gpu"] = gpus
         requests["nvidia.com/gpu"] = gpus
     resources: dict[str, dict[str, Any]] = {}
@@ -138,40 +144,32 @@ def _gpu_resources(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return resources
 
 
-def _model_volume(spec: Mapping[str, Any]) -> dict[str, Any] | None:
-    source = spec["model"]["source"]
-    if "pvc" in source:
+def _model_volume(spec: api.LingDeploymentSpec) -> dict[str, Any] | None:
+    source = spec.model.source
+    if source.pvc is not None:
         return {
             "name": MODEL_VOLUME,
-            "persistentVolumeClaim": {"claimName": source["pvc"]["claimName"], "readOnly": True},
+            "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True},
         }
-    if "hostPath" in source:
-        return {"name": MODEL_VOLUME, "hostPath": {"path": source["hostPath"]["path"], "type": "Directory"}}
-    if "huggingFace" in source:
+    if source.host_path is not None:
+        return {"name": MODEL_VOLUME, "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+    if source.hugging_face is not None:
         return {"name": MODEL_VOLUME, "emptyDir": {}}
     return None
 
 
-def _download_container(spec: Mapping[str, Any], image: str, pull_policy: str | None) -> dict[str, Any]:
-    hf = spec["model"]["source"]["huggingFace"]
+def _download_container(hf: api.HuggingFaceSource, image: str, pull_policy: str | None) -> dict[str, Any]:
     env: list[dict[str, Any]] = [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
-    token = hf.get("tokenSecretRef")
-    if token:
+    token = hf.token_secret_ref
+    if token is not None:
         # By reference only: the operator never reads the Secret itself.
         env.append(
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token["name"], "key": token["key"]}}}
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
         )
     container: dict[str, Any] = {
         "name": DOWNLOAD_CONTAINER_NAME,
         "image": image,
-        "command": [
-            "python3",
-            "-c",
-            HF_DOWNLOAD_SCRIPT,
-            hf["repo"],
-            hf.get("revision") or "main",
-            rendezvous.HF_DOWNLOAD_DIR,
-        ],
+        "command": ["python3", "-c", HF_DOWNLOAD_SCRIPT, hf.repo, hf.revision, rendezvous.HF_DOWNLOAD_DIR],
         "env": env,
         "volumeMounts": [{"name": MODEL_VOLUME, "mountPath": rendezvous.MODEL_MOUNT_PATH}],
     }
@@ -189,34 +187,12 @@ def _http_probe(period: int, failure_threshold: int) -> dict[str, Any]:
     }
 
 
-def build_pod(
-    owner: Owner,
-    spec: Mapping[str, Any],
-    group: int,
-    rank: int,
-    *,
-    default_image: str = DEFAULT_RUNTIME_IMAGE,
-) -> dict[str, Any]:
-    """Pod `<name>-<group>-<rank>` of a group: one engine container holding gpusPerPod TP shards."""
-    revision = revision_of(spec, default_image)
-    nnodes = rendezvous.pods_per_group(spec)
-    if not 0 <= rank < nnodes:
-        raise ValueError(f"rank must be in 0..{nnodes - 1} (tensor / gpusPerPod), got {rank}")
-    template = spec.get("template") or {}
-    engine = spec["engine"]
-    image = engine.get("image") or default_image
-    pull_policy = engine.get("imagePullPolicy")
-    name = rendezvous.pod_name(owner.name, group, rank)
-
-    ours = rendezvous.rank_env(owner.name, owner.namespace, group, rank, nnodes)
-    our_names = {item["name"] for item in ours}
-    # The contract's variables win over pass-through env of the same name.
-    env = [item for item in template.get("env") or [] if item.get("name") not in our_names] + ours
-
+def _volumes(spec: api.LingDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, engine volume mounts): shm, the model, then the template's."""
     mounts: list[dict[str, Any]] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     # A shared shm emptyDir: NCCL and Ray's object store need far more than the default 64 MiB.
     volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
-    user_volumes = list(template.get("volumes") or [])
+    user_volumes = list(spec.template.volumes)
     model_volume = _model_volume(spec)
     if model_volume is not None:
         # A template volume named "model" (e.g. a shared RWX cache) replaces the per-pod one.
@@ -226,12 +202,24 @@ def build_pod(
             {
                 "name": MODEL_VOLUME,
                 "mountPath": rendezvous.MODEL_MOUNT_PATH,
-                "readOnly": "huggingFace" not in spec["model"]["source"],
+                "readOnly": spec.model.source.hugging_face is None,
             }
         )
-    volumes += user_volumes
-    mounts += list(template.get("volumeMounts") or [])
+    return volumes + user_volumes, mounts + list(spec.template.volume_mounts)
 
+
+def _engine_container(
+    owner: Owner,
+    spec: api.LingDeploymentSpec,
+    group: int,
+    rank: int,
+    image: str,
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    ours = rendezvous.rank_env(owner.name, owner.namespace, group, rank, spec.pods_per_group)
+    our_names = {item["name"] for item in ours}
+    # The contract's variables win over pass-through env of the same name.
+    env = [item for item in spec.template.env if item.get("name") not in our_names] + ours
     ports = [
         {"name": rendezvous.HTTP_PORT_NAME, "containerPort": rendezvous.HTTP_PORT, "protocol": "TCP"},
         {"name": rendezvous.DIST_PORT_NAME, "containerPort": rendezvous.DIST_PORT, "protocol": "TCP"},
@@ -245,8 +233,8 @@ def build_pod(
         "ports": ports,
         "volumeMounts": mounts,
     }
-    if pull_policy:
-        container["imagePullPolicy"] = pull_policy
+    if spec.engine.image_pull_policy:
+        container["imagePullPolicy"] = spec.engine.image_pull_policy
     resources = _gpu_resources(spec)
     if resources:
         container["resources"] = resources
@@ -254,23 +242,23 @@ def build_pod(
         # Weight loading can take many minutes: the startup probe allows startupTimeoutSeconds before
         # liveness applies. Readiness is rank 0's /health, which fails while any rank is missing, so
         # the client Service only routes to groups that can generate.
-        startup_timeout = int((spec.get("runtime") or {}).get("startupTimeoutSeconds", 1800))
+        startup_timeout = spec.runtime.startup_timeout_seconds
         container["startupProbe"] = _http_probe(
             PROBE_PERIOD_SECONDS, max(1, math.ceil(startup_timeout / PROBE_PERIOD_SECONDS))
         )
         container["readinessProbe"] = _http_probe(5, 2)
         container["livenessProbe"] = _http_probe(PROBE_PERIOD_SECONDS, 6)
+    return container
 
-    labels = {**(template.get("labels") or {}), **pod_labels(owner.name, group, rank, revision)}
-    annotations = dict(template.get("annotations") or {})
-    if rank == 0:
-        annotations.update(
-            {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(rendezvous.HTTP_PORT),
-                "prometheus.io/path": "/metrics",
-            }
-        )
+
+def _pod_spec(
+    owner: Owner,
+    spec: api.LingDeploymentSpec,
+    name: str,
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    template = spec.template
     pod_spec: dict[str, Any] = {
         "hostname": name,
         "subdomain": rendezvous.ranks_service_name(owner.name),
@@ -282,14 +270,42 @@ def build_pod(
         "containers": [container],
         "volumes": volumes,
     }
-    if "huggingFace" in spec["model"]["source"]:
-        pod_spec["initContainers"] = [_download_container(spec, image, pull_policy)]
-    for key in ("nodeSelector", "affinity", "priorityClassName", "schedulerName", "serviceAccountName"):
-        if template.get(key):
-            pod_spec[key] = template[key]
-    for key in ("tolerations", "imagePullSecrets"):
-        if template.get(key):
-            pod_spec[key] = list(template[key])
+    hf = spec.model.source.hugging_face
+    if hf is not None:
+        pod_spec["initContainers"] = [
+            _download_container(hf, container["image"], spec.engine.image_pull_policy)
+        ]
+    passed = {
+        "nodeSelector": template.node_selector,
+        "affinity": template.affinity,
+        "priorityClassName": template.priority_class_name,
+        "schedulerName": template.scheduler_name,
+        "serviceAccountName": template.service_account_name,
+        "tolerations": list(template.tolerations),
+        "imagePullSecrets": list(template.image_pull_secrets),
+    }
+    pod_spec.update({key: value for key, value in passed.items() if value})
+    return pod_spec
+
+
+def build_pod(
+    owner: Owner,
+    spec: api.LingDeploymentSpec,
+    group: int,
+    rank: int,
+    *,
+    default_image: str = DEFAULT_RUNTIME_IMAGE,
+) -> dict[str, Any]:
+    """Pod `<name>-<group>-<rank>` of a group: one engine container holding gpusPerPod TP shards."""
+    if not 0 <= rank < spec.pods_per_group:
+        raise ValueError(f"rank must be in 0..{spec.pods_per_group - 1} (tensor / gpusPerPod), got {rank}")
+    name = rendezvous.pod_name(owner.name, group, rank)
+    volumes, mounts = _volumes(spec)
+    container = _engine_container(owner, spec, group, rank, spec.engine.image or default_image, mounts)
+    labels = {**spec.template.labels, **pod_labels(owner.name, group, rank, revision_of(spec, default_image))}
+    annotations = dict(spec.template.annotations)
+    if rank == 0:
+        annotations.update(PROMETHEUS_ANNOTATIONS)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -300,16 +316,16 @@ def build_pod(
             "annotations": annotations,
             "ownerReferences": [owner_reference(owner)],
         },
-        "spec": pod_spec,
+        "spec": _pod_spec(owner, spec, name, container, volumes),
     }
 
 
 def build_group(
-    owner: Owner, spec: Mapping[str, Any], group: int, *, default_image: str = DEFAULT_RUNTIME_IMAGE
+    owner: Owner, spec: api.LingDeploymentSpec, group: int, *, default_image: str = DEFAULT_RUNTIME_IMAGE
 ) -> list[dict[str, Any]]:
     return [
         build_pod(owner, spec, group, rank, default_image=default_image)
-        for rank in range(rendezvous.pods_per_group(spec))
+        for rank in range(spec.pods_per_group)
     ]
 
 
@@ -347,11 +363,7 @@ def build_client_service(owner: Owner) -> dict[str, Any]:
             "name": owner.name,
             "namespace": owner.namespace,
             "labels": deployment_labels(owner.name),
-            "annotations": {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(rendezvous.HTTP_PORT),
-                "prometheus.io/path": "/metrics",
-            },
+            "annotations": dict(PROMETHEUS_ANNOTATIONS),
             "ownerReferences": [owner_reference(owner)],
         },
         "spec": {

@@ -1,7 +1,7 @@
 """Loopback /metrics servers for the autoscaler's tests: real HTTP, real exposition text.
 
 The native engine's exposition comes from the runtime's own metrics module
-(ling_runtime.server.metrics.RuntimeMetrics), so a rename there breaks these tests; SGLang's and vLLM's
+(ling_runtime.telemetry.RuntimeMetrics), so a rename there breaks these tests; SGLang's and vLLM's
 are built with prometheus_client under their documented names (reference/serving-anchors.md §4).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ling_runtime.server.metrics import RuntimeMetrics
+from ling_runtime.telemetry import RuntimeMetrics
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 

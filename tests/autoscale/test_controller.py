@@ -9,7 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from ling_operator.api import AutoscalerStatus, ConditionType, Reason
+from ling_operator.api import (
+    AutoscalerStatus,
+    ConditionType,
+    LingDeploymentSpec,
+    LingDeploymentStatus,
+    Reason,
+)
 from ling_operator.autoscale_controller import (
     AutoscaleResult,
     ObservedGroup,
@@ -18,7 +24,7 @@ from ling_operator.autoscale_controller import (
     is_due,
     make_source,
 )
-from ling_operator.autoscale_sources import EngineSource, PrometheusSource
+from ling_operator.autoscale_sources import EngineSource, MetricSource, PrometheusSource
 
 from tests.autoscale.exporter import EngineMetrics, serve_metrics
 
@@ -30,6 +36,7 @@ def body(replicas: int = 2, status: dict[str, Any] | None = None, **autoscaling:
         "metadata": {"name": "ling", "namespace": "ns", "generation": 3},
         "spec": {
             "replicas": replicas,
+            "model": {"source": {"builtin": {}}},
             "engine": {"type": "native"},
             "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6, **autoscaling},
         },
@@ -37,28 +44,34 @@ def body(replicas: int = 2, status: dict[str, Any] | None = None, **autoscaling:
     }
 
 
-def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """RFC 7386 as the API server applies it: a null deletes the key (so stored objects lack it)."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            merge_patch(target[key], value)
-        else:
-            target[key] = value
-    return target
+def spec_of(doc: dict[str, Any]) -> LingDeploymentSpec:
+    return LingDeploymentSpec.model_validate(doc["spec"])
 
 
-def apply(doc: dict[str, Any], result: AutoscaleResult) -> dict[str, Any]:
-    """What handlers.py does with a result: scale, merge-patch status, upsert conditions."""
+def tick(
+    doc: dict[str, Any],
+    groups: list[ObservedGroup],
+    source: MetricSource,
+    now: datetime,
+    last_tick: datetime | None = None,
+) -> AutoscaleResult | None:
+    """One look, on the object as stored (the operator validates it once, then passes the models)."""
+    status = LingDeploymentStatus.model_validate(doc["status"])
+    return autoscale_tick(spec_of(doc), status, doc["metadata"]["generation"], groups, source, now, last_tick)
+
+
+def written(result: AutoscaleResult | None) -> dict[str, Any]:
+    """The status as the operator writes it (and the API server stores it)."""
+    assert result is not None
+    return result.status.to_k8s()
+
+
+def apply(doc: dict[str, Any], result: AutoscaleResult | None) -> dict[str, Any]:
+    """What the operator does with a result: /scale, then the status patch (stored as written)."""
+    assert result is not None
     if result.replicas is not None:
         doc["spec"]["replicas"] = result.replicas
-    status = doc.setdefault("status", {})
-    if result.status is not None:
-        merge_patch(status, result.status)
-    conditions = {c["type"]: c for c in status.get("conditions", [])}
-    conditions.update({c["type"]: c for c in result.conditions})
-    status["conditions"] = list(conditions.values())
+    doc["status"] = written(result)
     return doc
 
 
@@ -77,9 +90,9 @@ def test_disabled_never_touches_replicas(cluster: Any) -> None:
     source, metrics, groups = cluster
     metrics[0].set(500)
     doc = body(enabled=False)
-    result = autoscale_tick(doc, groups[:2], source, T0)
-    assert result is not None and result.replicas is None and result.status is None
-    [condition] = result.conditions
+    result = tick(doc, groups[:2], source, T0)
+    assert result is not None and result.replicas is None and result.status.autoscaler is None
+    [condition] = written(result)["conditions"]
     assert (condition["type"], condition["status"], condition["reason"]) == (
         ConditionType.SCALING_ACTIVE,
         "False",
@@ -92,21 +105,21 @@ def test_scale_up_event_status_and_conditions(cluster: Any) -> None:
     metrics[0].set(20, 16)
     metrics[1].set(17, 16)
     doc = body(replicas=2, maxScaleUpStep=2)
-    result = autoscale_tick(doc, groups[:2], source, T0)
+    result = tick(doc, groups[:2], source, T0)
     assert result is not None and result.replicas == 4
     assert [(e.type, e.reason, e.message) for e in result.events] == [
         ("Normal", Reason.SCALING_UP, "scaled 2 → 4: 37 waiting > 2 × 8 per group")
     ]
-    autoscaler = result.status["autoscaler"]
+    autoscaler = written(result)["autoscaler"]
     # The status is exactly what the API accepts (no unknown field, right types).
     AutoscalerStatus.model_validate(autoscaler)
-    assert result.status["queueDepth"] == 37
+    assert written(result)["queueDepth"] == 37
     assert autoscaler["observedRunning"] == 32 and autoscaler["recommendation"] == 5
     assert autoscaler["history"] == [
         {"time": "2026-01-01T12:00:00Z", "from": 2, "to": 4, "reason": "37 waiting > 2 × 8 per group"}
     ]
     assert autoscaler["groupCapacity"] == 16
-    conditions = {c["type"]: c for c in result.conditions}
+    conditions = {c["type"]: c for c in written(result)["conditions"]}
     assert conditions[ConditionType.SCALING_ACTIVE]["status"] == "True"
     assert conditions[ConditionType.SCALING_LIMITED]["reason"] == Reason.RATE_LIMITED
     assert conditions[ConditionType.SCALING_ACTIVE]["observedGeneration"] == 3
@@ -122,19 +135,20 @@ def test_interval_and_state_round_trip_through_status(cluster: Any) -> None:
     source, metrics, groups = cluster
     doc = body(replicas=3, intervalSeconds=15, scaleDownStabilizationSeconds=60)
     metrics[0].set(30, 16)
-    doc = apply(doc, autoscale_tick(doc, groups, source, T0))
+    doc = apply(doc, tick(doc, groups, source, T0))
     assert doc["spec"]["replicas"] == 4
     stored = doc["status"]["autoscaler"]
     assert stored["recommendations"][-1] == {"time": "2026-01-01T12:00:00Z", "replicas": 4}
     assert stored["lastObservationTime"] == "2026-01-01T12:00:00Z"
-    assert autoscale_tick(doc, groups, source, T0 + timedelta(seconds=5)) is None  # not due
-    assert not is_due(doc, T0 + timedelta(seconds=5)) and is_due(doc, T0 + timedelta(seconds=15))
+    assert tick(doc, groups, source, T0 + timedelta(seconds=5)) is None  # not due
+    due = spec_of(doc).autoscaling, AutoscalerStatus.model_validate(doc["status"]["autoscaler"])
+    assert not is_due(*due, T0 + timedelta(seconds=5)) and is_due(*due, T0 + timedelta(seconds=15))
     # The learned capacity (16 per saturated group) came back from status: 40 running need 3 groups even
     # with an empty queue.
     metrics[0].set(0, 40)
     groups4 = [*groups, ObservedGroup(3, None, ready=False)]
-    later = autoscale_tick(doc, groups4, source, T0 + timedelta(seconds=15))
-    assert later is not None and later.status["autoscaler"]["recommendation"] == 3
+    later = tick(doc, groups4, source, T0 + timedelta(seconds=15))
+    assert later is not None and written(later)["autoscaler"]["recommendation"] == 3
 
 
 def test_scale_down_respects_the_window_across_ticks(cluster: Any) -> None:
@@ -144,9 +158,7 @@ def test_scale_down_respects_the_window_across_ticks(cluster: Any) -> None:
         m.set(0, 0)
     sizes = []
     for step in range(7):
-        result = autoscale_tick(
-            doc, groups[: doc["spec"]["replicas"]], source, T0 + timedelta(seconds=15 * step)
-        )
+        result = tick(doc, groups[: doc["spec"]["replicas"]], source, T0 + timedelta(seconds=15 * step))
         assert result is not None
         doc = apply(doc, result)
         sizes.append(doc["spec"]["replicas"])
@@ -162,18 +174,18 @@ def test_source_error_keeps_size_warns_once(cluster: Any) -> None:
     _, _, groups = cluster
     dead = EngineSource(port=9, timeout_seconds=0.5)
     doc = body(replicas=2)
-    first = autoscale_tick(doc, groups[:2], dead, T0)
+    first = tick(doc, groups[:2], dead, T0)
     assert first is not None and first.replicas is None
-    active = first.conditions[0]
+    active = written(first)["conditions"][0]
     assert (active["status"], active["reason"]) == ("False", Reason.SOURCE_ERROR)
     assert "queue depth unknown" in active["message"]
-    assert first.status["autoscaler"]["sourceError"] is not None
+    assert written(first)["autoscaler"]["sourceError"] is not None
     assert [e.type for e in first.events] == ["Warning"]
     assert first.metrics is not None and first.metrics.source_error
     doc = apply(doc, first)
-    second = autoscale_tick(doc, groups[:2], dead, T0 + timedelta(seconds=15))
+    second = tick(doc, groups[:2], dead, T0 + timedelta(seconds=15))
     assert second is not None and second.events == []  # same error: no new event
-    assert second.conditions[0]["lastTransitionTime"] == active["lastTransitionTime"]
+    assert written(second)["conditions"][0]["lastTransitionTime"] == active["lastTransitionTime"]
 
 
 def test_history_keeps_the_last_ten(cluster: Any) -> None:
@@ -181,9 +193,9 @@ def test_history_keeps_the_last_ten(cluster: Any) -> None:
     old = [{"time": "2026-01-01T11:00:00Z", "from": 1, "to": 2, "reason": "old"}] * 10
     doc = body(replicas=1, status={"autoscaler": {"history": old}}, maxScaleUpStep=2)
     metrics[0].set(40)
-    result = autoscale_tick(doc, groups[:1], source, T0)
-    assert result is not None and len(result.status["autoscaler"]["history"]) == 10
-    assert result.status["autoscaler"]["history"][-1]["to"] == 3
+    result = tick(doc, groups[:1], source, T0)
+    assert result is not None and len(written(result)["autoscaler"]["history"]) == 10
+    assert written(result)["autoscaler"]["history"][-1]["to"] == 3
 
 
 def tick_writes(
@@ -201,7 +213,7 @@ def tick_writes(
     for n in range(ticks):
         now = start + timedelta(seconds=every * n)
         before = json.dumps(doc, sort_keys=True)
-        result = autoscale_tick(doc, groups[: doc["spec"]["replicas"]], source, now, last_tick=last)
+        result = tick(doc, groups[: doc["spec"]["replicas"]], source, now, last_tick=last)
         assert result is not None
         last = now
         doc = apply(doc, result)
@@ -241,18 +253,19 @@ def test_a_scale_down_window_holds_across_unwritten_looks_and_a_restart(cluster:
     # counts from 12:00:30, so the scale-down comes at 12:02:30 (120 s), not 120 s after the restart.
     restarted = json.loads(json.dumps(doc))
     at = T0 + timedelta(seconds=135)
-    assert autoscale_tick(restarted, groups[:3], source, at).replicas is None  # 105 s of 120
-    down = autoscale_tick(restarted, groups[:3], source, T0 + timedelta(seconds=150))
+    assert tick(restarted, groups[:3], source, at).replicas is None  # 105 s of 120
+    down = tick(restarted, groups[:3], source, T0 + timedelta(seconds=150))
     assert down is not None and down.replicas == 1
 
 
 def test_not_due_counts_from_the_last_look_even_when_it_was_not_written(cluster: Any) -> None:
     source, _, groups = cluster
     doc = body(replicas=1, status={"autoscaler": {"lastObservationTime": "2026-01-01T11:00:00Z"}})
-    assert is_due(doc, T0)
-    assert not is_due(doc, T0 + timedelta(seconds=5), last_tick=T0)
-    assert autoscale_tick(doc, groups[:1], source, T0 + timedelta(seconds=5), last_tick=T0) is None
-    assert is_due(doc, T0 + timedelta(seconds=15), last_tick=T0)
+    due = spec_of(doc).autoscaling, AutoscalerStatus.model_validate(doc["status"]["autoscaler"])
+    assert is_due(*due, T0)
+    assert not is_due(*due, T0 + timedelta(seconds=5), last_tick=T0)
+    assert tick(doc, groups[:1], source, T0 + timedelta(seconds=5), last_tick=T0) is None
+    assert is_due(*due, T0 + timedelta(seconds=15), last_tick=T0)
 
 
 def test_flap_damping_memory_round_trips_through_status(cluster: Any) -> None:
@@ -263,7 +276,7 @@ def test_flap_damping_memory_round_trips_through_status(cluster: Any) -> None:
     # undone 15 s later, so the window in force doubles to 120 s -- and the stored status carries it.
     for n, waiting in enumerate([20] * 8 + [0] * 5 + [20] * 2):
         metrics[0].set(waiting, 16 if waiting else 0)
-        result = autoscale_tick(
+        result = tick(
             json.loads(json.dumps(doc)),
             groups[: doc["spec"]["replicas"]],
             source,
@@ -281,7 +294,7 @@ def test_flap_damping_memory_round_trips_through_status(cluster: Any) -> None:
 
 
 def test_make_source_engine_and_prometheus_with_secret() -> None:
-    engine = make_source(body(source={"type": "engine", "engine": {"timeoutSeconds": 3}}))
+    engine = make_source(spec_of(body(source={"type": "engine", "engine": {"timeoutSeconds": 3}})))
     assert isinstance(engine, EngineSource) and engine.timeout_seconds == 3 and engine.engine == "native"
     reads: list[tuple[str, str]] = []
 
@@ -297,14 +310,14 @@ def test_make_source_engine_and_prometheus_with_secret() -> None:
             "authSecretRef": {"name": "prom-auth", "key": "token"},
         },
     }
-    prom = make_source(body(source=prom_spec), read_secret)
+    prom = make_source(spec_of(body(source=prom_spec)), read_secret)
     assert isinstance(prom, PrometheusSource) and prom.authorization == "Bearer tok"
     assert reads == [("prom-auth", "token")]
     with pytest.raises(SourceConfigError, match="authSecretRef"):
-        make_source(body(source=prom_spec))
+        make_source(spec_of(body(source=prom_spec)))
 
 
 def test_naive_clock_is_rejected(cluster: Any) -> None:
     source, _, groups = cluster
     with pytest.raises(ValueError, match="timezone-aware"):
-        autoscale_tick(body(), groups, source, datetime(2026, 1, 1))
+        tick(body(), groups, source, datetime(2026, 1, 1))

@@ -131,16 +131,18 @@ def test_every_workload_is_one_group_of_two_one_gpu_pods() -> None:
 
 
 def test_profile_shares_counts_samples_under_the_anchor() -> None:
-    sync = "thread (0x1);run (threading.py:1);sync (ling_operator/handlers.py:200)"
+    io = "thread (0x1);_worker (concurrent/futures/thread.py:1);create_pod (ling_operator/kube.py:80)"
+    loop = "thread (0x2);_run_once (asyncio/base_events.py:1);sync (ling_operator/controller.py:200)"
     lines = [
-        f"{sync};list_namespaced_pod (kubernetes/api.py:5);recv_into (ssl.py:1) 30",
-        f"{sync};reconcile (ling_operator/reconcile.py:400) 10",
-        "thread (0x2);select (selectors.py:1) 60",
+        f"{io};create_namespaced_pod (kubernetes/api.py:5);recv_into (ssl.py:1) 30",
+        f"{loop};reconcile (ling_operator/reconcile.py:400) 10",
+        "thread (0x2);process_resource_event (kopf/_core/reactor/processing.py:31) 20",
+        "thread (0x3);select (selectors.py:1) 40",
         "garbage",
     ]
     p = measure.profile_shares(lines)
-    assert (p["samples"], p["anchor_samples"]) == (100, 40)
-    assert p["shares"]["LIST pods"] == 0.75
+    assert (p["samples"], p["anchor_samples"], p["kopf_samples"]) == (100, 40, 20)
+    assert p["shares"]["create pods"] == 0.75
     assert p["shares"]["waiting on the socket"] == 0.75
     assert p["shares"]["reconcile.reconcile (pure)"] == 0.25
     assert p["shares"]["patch status"] == 0.0

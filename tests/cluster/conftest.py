@@ -64,6 +64,9 @@ class OperatorFactory:
     kubeconfig: Path
     workdir: Path
     started: list[OperatorProcess] = field(default_factory=list)
+    # The operator's periods here (short, so tests that watch a window can derive it from them).
+    resync_seconds: float = 5
+    lease_seconds: float = 4
 
     def start(self, identity: str | None = None, *extra: str) -> OperatorProcess:
         identity = identity or f"op-{secrets.token_hex(3)}"
@@ -83,9 +86,9 @@ class OperatorFactory:
             "--lease-namespace",
             self.namespace,
             "--lease-duration",
-            "4",
+            str(self.lease_seconds),
             "--resync-seconds",
-            "5",
+            str(self.resync_seconds),
             "--identity",
             identity,
             *extra,

@@ -1,6 +1,6 @@
 """Autoscaling on the local control plane, with real metric endpoints.
 
-/metrics endpoints are rendered by the runtime's own metrics module (ling_runtime.server.metrics.
+/metrics endpoints are rendered by the runtime's own metrics module (ling_runtime.telemetry.
 RuntimeMetrics) served over loopback HTTP (tests/autoscale/exporter.py).
 
 - prometheus source, through the operator: a real Prometheus (Debian's package, hack/prometheus.sh)
@@ -22,37 +22,26 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from ling_operator import api
 from ling_operator.autoscale_controller import ObservedGroup, autoscale_tick
 from ling_operator.autoscale_sources import EngineSource
+from ling_operator.writes import merge_patch
 
 from tests.autoscale.exporter import EngineMetrics, serve_metrics
 from tests.autoscale.prometheus import run_prometheus
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "serving.ling.dev_lingdeployments.yaml"
-T = TypeVar("T")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60, every: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -258,13 +247,24 @@ def test_engine_source_drives_replicas_through_the_api_server(crd: Any, namespac
         size = body["spec"]["replicas"]
         # Rank-0 of group i is 127.0.0.(i+1): every group ready, each its own /metrics.
         groups = [ObservedGroup(i, f"127.0.0.{i + 1}", ready=True) for i in range(size)]
-        result = autoscale_tick(body, groups, source, clock)
+        # As the operator does it: the object validated once into the API models, then the difference
+        # between the status as stored and the status the look built, as one merge patch.
+        spec = api.LingDeploymentSpec.model_validate(body["spec"])
+        stored = body.get("status") or {}
+        status = api.LingDeploymentStatus.model_validate(stored)
+        result = autoscale_tick(spec, status, body["metadata"]["generation"], groups, source, clock)
         assert result is not None
-        status = dict(result.status or {})
-        status["conditions"] = result.conditions
-        custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
-        )
+        patch = merge_patch(stored, result.status.to_k8s())
+        if patch:
+            custom.patch_namespaced_custom_object_status(
+                api.GROUP,
+                api.VERSION,
+                namespace,
+                api.PLURAL,
+                name,
+                {"status": patch},
+                _content_type="application/merge-patch+json",
+            )
         if result.replicas is not None:
             custom.patch_namespaced_custom_object_scale(
                 api.GROUP,
@@ -446,7 +446,13 @@ def test_hpa_can_drive_a_lingdeployment_when_autoscaling_is_off(
     assert able["reason"] in ("SucceededGetScale", "ReadyForNewScale", "SucceededRescale")
     # The scale subresource is writable by anyone driving it, and the operator leaves it alone.
     kube.kubectl("scale", "lingd", name, "-n", namespace, "--replicas", "2")
-    time.sleep(3)
+    wait_for(
+        "the operator to reconcile the scaled object",
+        lambda: (
+            (obj := get(kube, namespace, name)).get("status", {}).get("observedGeneration")
+            == obj["metadata"]["generation"]
+        ),
+    )
     assert replicas_via_scale(kube, namespace, name) == 2
     wait_for(
         "ScalingActive=False/AutoscalingDisabled from the operator",

@@ -11,8 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 import yaml
 from kubernetes import client
+
+from tests.waiting import wait_for
 
 if TYPE_CHECKING:
     from conftest import Kube
@@ -49,17 +50,6 @@ ALL_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "del
 # Keeps the chart's operator pods Pending: this file runs the operator itself, outside the cluster.
 NO_NODE = {"nodeSelector": {"serving.ling.dev/test-no-such-node": "true"}}
 CLUSTER_SCOPED = {"namespaces", "nodes", "customresourcedefinitions"}
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90, every: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def for_namespace(values: dict[str, Any], namespace: str) -> dict[str, Any]:
@@ -156,7 +146,7 @@ def test_install_upgrade_changes_the_crd_and_uninstall_keeps_it(
     )
     try:
         kube.helm("install", release, str(chart), "--namespace", namespace, "--values", str(values))
-        installed = wait_for("the CRD after install", lambda: _crd(kube, crd_name))
+        installed = wait_for("the CRD after install", lambda: _crd(kube, crd_name), timeout=90)
         assert "UpgradeProbe" not in _columns(installed)
         assert installed["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert kube.kubectl("get", "deploy", "-n", namespace, "-o", "name").stdout.strip()
@@ -166,6 +156,7 @@ def test_install_upgrade_changes_the_crd_and_uninstall_keeps_it(
         upgraded = wait_for(
             "the upgraded CRD",
             lambda: (crd := _crd(kube, crd_name)) and "UpgradeProbe" in _columns(crd) and crd,
+            timeout=90,
         )
         assert _columns(installed) < _columns(upgraded)
         status = json.loads(kube.helm("status", release, "--namespace", namespace, "-o", "json").stdout)

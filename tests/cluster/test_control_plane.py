@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+from tests.waiting import wait_for
 
 if TYPE_CHECKING:
     from conftest import Kube
 
 pytestmark = pytest.mark.cluster
 
-T = TypeVar("T")
 VERSIONS = Path(__file__).resolve().parents[2] / "hack" / "versions.env"
 
 
@@ -28,18 +27,6 @@ def pinned(name: str) -> str:
         if line.startswith(f"{name}="):
             return line.split("=", 1)[1].strip()
     raise KeyError(name)
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60, every: float = 0.5) -> T:
-    """Poll `probe` until it returns something truthy; fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def get_json(kube: Kube, *args: str) -> Any:
@@ -260,8 +247,17 @@ def test_kwok_leaves_nodes_without_the_fake_annotation_alone(kube: Kube, namespa
         pod["spec"]["nodeName"] = name
         pod["spec"]["containers"][0].pop("resources")
         kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-        # A fake node's pod turns Running within a second or two; give kwok clearly more than that.
-        time.sleep(4)
+        # A control pod on a fake node, created after ours: once kwok has run it, kwok has had its chance
+        # at ours too, so "still Pending" is kwok leaving it alone, not kwok being slow.
+        fake = get_json(kube, "nodes", "-l", "type=kwok")["items"][0]["metadata"]["name"]
+        control = gpu_pod_manifest("control", 0)
+        control["spec"]["nodeName"] = fake
+        control["spec"]["containers"][0].pop("resources")
+        kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(control))
+        wait_for(
+            "kwok to run the control pod",
+            lambda: get_json(kube, "pod", "control", "-n", namespace)["status"].get("phase") == "Running",
+        )
         got = get_json(kube, "node", name)
         assert not any(c["type"] == "Ready" for c in got["status"].get("conditions", []))
         assert get_json(kube, "pod", "pinned", "-n", namespace)["status"]["phase"] == "Pending"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +13,8 @@ import pytest
 import yaml
 from ling_operator import api
 from ling_operator.api import LingDeploymentSpec, LingDeploymentStatus
+
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "serving.ling.dev_lingdeployments.yaml"
@@ -111,12 +112,15 @@ def test_defaults_are_visible_and_match_the_models(crd_installed: Any, namespace
 
 def test_explain_prints_the_field_docs(crd_installed: Any) -> None:
     # The API server republishes its OpenAPI a moment after a CRD changes: wait for our current text.
-    deadline = time.monotonic() + 30
-    while True:
-        out = crd_installed.kubectl("explain", "lingdeployment.spec.parallelism", check=False).stdout
-        if "Default: 1." in out or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    out = wait_for(
+        "kubectl explain to show the current CRD",
+        lambda: (
+            (o := crd_installed.kubectl("explain", "lingdeployment.spec.parallelism", check=False).stdout)
+            and "Default: 1." in o
+            and o
+        ),
+        timeout=30,
+    )
     assert "gpusPerPod" in out and "pods per group = tensor / gpusPerPod" in out
     assert "Default: 1." in out
     deep = crd_installed.kubectl("explain", "lingd.spec.autoscaling.source.prometheus.query").stdout

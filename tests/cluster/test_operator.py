@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -20,8 +19,10 @@ import pytest
 import yaml
 from kubernetes import client
 from ling_operator import api, rendezvous, resources
+from ling_operator.api import LingDeploymentSpec
 
 from tests.autoscale.exporter import EngineMetrics, serve_metrics
+from tests.waiting import holds_for, wait_for
 
 if TYPE_CHECKING:
     from conftest import Kube
@@ -35,17 +36,6 @@ GPU_SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-H200"}
 # Events about the LingDeployment itself: its client Service shares the name `ling`, and the
 # endpoint-slice controller posts warnings about that Service (loopback pod IPs are not valid endpoints).
 LING_EVENTS = "involvedObject.name=ling,involvedObject.kind=LingDeployment"
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 class Cluster:
@@ -181,7 +171,8 @@ def test_each_example_becomes_its_pods_and_services(
 ) -> None:
     doc = yaml.safe_load(example.read_text())
     name = doc["metadata"]["name"]
-    operators.start()
+    port = free_port()
+    operators.start(None, "--metrics-port", str(port), "--metrics-address", "127.0.0.1")
     cluster = Cluster(kube, namespace)
     claim = ((doc["spec"]["model"]["source"]).get("pvc") or {}).get("claimName")
     if claim:
@@ -191,8 +182,8 @@ def test_each_example_becomes_its_pods_and_services(
         provide_weights(kube, namespace, claim)
     cluster.apply(doc)
     obj = wait_for(f"{example.name} to settle", lambda: cluster.settled(name), timeout=90)
-    spec = resources.with_defaults(obj["spec"])
-    per_group = rendezvous.pods_per_group(spec)
+    spec = LingDeploymentSpec.model_validate(obj["spec"])
+    per_group = spec.pods_per_group
     pods = cluster.live_pods(name)
     indices = sorted({int(p["metadata"]["labels"][resources.LABEL_GROUP]) for p in pods.values()})
     assert sorted(pods) == sorted(rendezvous.pod_name(name, g, r) for g in indices for r in range(per_group))
@@ -204,8 +195,8 @@ def test_each_example_becomes_its_pods_and_services(
         assert pod["spec"]["hostname"] == pod_name
         assert pod["spec"]["subdomain"] == f"{name}-ranks"
         limits = pod["spec"]["containers"][0].get("resources", {}).get("limits", {})
-        if spec["engine"]["device"] == "cuda":
-            assert limits["nvidia.com/gpu"] == str(spec["parallelism"]["gpusPerPod"])
+        if spec.engine.device == "cuda":
+            assert limits["nvidia.com/gpu"] == str(spec.parallelism.gpus_per_pod)
             assert pod["spec"]["nodeName"].startswith("gpu-h200-")
         else:
             assert "nvidia.com/gpu" not in limits
@@ -219,12 +210,18 @@ def test_each_example_becomes_its_pods_and_services(
         assert group["masterAddress"] == rendezvous.master_address(name, group["index"], namespace)
         assert all(rank["ready"] and rank["node"] for rank in group["ranks"])
     assert cluster.condition(name, "RendezvousReady")["status"] == "True"
-    if spec["autoscaling"]["enabled"]:
-        assert_autoscaled_steady_state_writes_nothing(cluster, name, spec)
+    if spec.autoscaling.enabled:
+        assert_autoscaled_steady_state_writes_nothing(cluster, name, spec.replicas)
         return
-    # steady state causes no writes
+    # Steady state causes no writes: passes keep coming (each resync queues every deployment) and write
+    # nothing. Two passes that started after the snapshot, so one already running cannot pass for them.
     version = cluster.obj(name)["metadata"]["resourceVersion"]
-    time.sleep(6)  # longer than the operator's resync period
+    before = reconcile_passes(port)
+    wait_for(
+        "two reconcile passes in steady state",
+        lambda: reconcile_passes(port) >= before + 2,
+        timeout=4 * operators.resync_seconds,
+    )
     assert cluster.obj(name)["metadata"]["resourceVersion"] == version
 
 
@@ -248,10 +245,9 @@ def pin_rank0(cluster: Cluster, name: str, addresses: list[str]) -> dict[int, st
     return seen
 
 
-def assert_autoscaled_steady_state_writes_nothing(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+def assert_autoscaled_steady_state_writes_nothing(cluster: Cluster, name: str, groups: int) -> None:
     """With the engine source reading a real /metrics (the runtime's own metrics module) that reports an
     empty queue, the autoscaler keeps looking every interval and the LingDeployment is never written."""
-    groups = spec["replicas"]
     # Port 30000 is fixed (the operator scrapes it), so the address must be ours alone: another test
     # session on this machine may run the same test at the same time.
     net = f"127.{100 + secrets.randbelow(150)}.{secrets.randbelow(250)}"
@@ -283,15 +279,17 @@ def assert_autoscaled_steady_state_writes_nothing(cluster: Cluster, name: str, s
                 and active.get("observedGeneration") == obj["metadata"]["generation"]
             )
 
+        def looked(times: int) -> Callable[[], bool]:
+            seen = [e.scrapes for e in engines]
+            return lambda: all(e.scrapes >= n + times for e, n in zip(engines, seen, strict=True))
+
         wait_for("the autoscaler to read an empty queue from every group", reads_empty_queue, timeout=60)
-        time.sleep(2 * interval)  # a look already under way when the probe passed may still land
+        # A look already under way when the probe passed may still land: start after two more.
+        wait_for("two more looks at every group", looked(2), timeout=30 * interval)
         version = cluster.obj(name)["metadata"]["resourceVersion"]
-        scrapes = sum(e.scrapes for e in engines)
-        window = 10 * interval  # ten intervals, two operator resyncs
-        time.sleep(window)
+        # Ten more looks at every group (one a second: two operator resyncs too), none of them a write.
+        wait_for("ten more looks at every group", looked(10), timeout=60 * interval)
         assert pin_rank0(cluster, name, addresses) == dict(enumerate(addresses))  # still reachable
-        looks = sum(e.scrapes for e in engines) - scrapes
-        assert looks >= window // interval // 2, f"the autoscaler looked only {looks} times"
         obj = cluster.obj(name)
         assert obj["metadata"]["resourceVersion"] == version, (
             f"steady state wrote the LingDeployment: {obj['status'].get('autoscaler')}"
@@ -353,20 +351,20 @@ def test_mtp_toggle_on_three_groups_never_has_two_down(kube: Kube, namespace: st
         p["metadata"]["labels"][resources.LABEL_REVISION] for p in cluster.live_pods("ling").values()
     }
     cluster.patch_spec("ling", {"speculative": {"enabled": True}})
-    fewest_ready = 3
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        fewest_ready = min(fewest_ready, len(cluster.ready_groups("ling", 2)))
-        if cluster.settled("ling"):
-            revisions = {
-                p["metadata"]["labels"][resources.LABEL_REVISION] for p in cluster.live_pods("ling").values()
-            }
-            if revisions.isdisjoint(old_revision):
-                break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the rollout did not finish in 120 s")
-    assert fewest_ready >= 2
+    fewest_ready = [3]
+
+    def rolled_out() -> bool:
+        # Every look also records how many groups were ready: the budget must hold throughout.
+        fewest_ready[0] = min(fewest_ready[0], len(cluster.ready_groups("ling", 2)))
+        if not cluster.settled("ling"):
+            return False
+        revisions = {
+            p["metadata"]["labels"][resources.LABEL_REVISION] for p in cluster.live_pods("ling").values()
+        }
+        return revisions.isdisjoint(old_revision)
+
+    wait_for("the rollout to finish", rolled_out, timeout=120, every=0.1)
+    assert fewest_ready[0] >= 2
     pods = cluster.live_pods("ling")
     assert all("--speculative-algorithm" in p["spec"]["containers"][0]["command"] for p in pods.values())
     assert sorted(pods) == [f"ling-{g}-{r}" for g in range(3) for r in range(2)]
@@ -383,6 +381,14 @@ def free_port() -> int:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return resp.read().decode()
+
+
+def reconcile_passes(port: int) -> float:
+    """ling_operator_reconcile_total{result="ok"}: passes the operator finished."""
+    for line in scrape(port).splitlines():
+        if line.startswith('ling_operator_reconcile_total{result="ok"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_scale_one_to_three_to_one_by_whole_groups(kube: Kube, namespace: str, operators: Any) -> None:
@@ -421,7 +427,7 @@ def test_operator_killed_mid_rollout_converges(kube: Kube, namespace: str, opera
     first.kill()
     operators.start()
     obj = wait_for("convergence after the restart", lambda: cluster.settled("ling"), timeout=120)
-    spec = resources.with_defaults(obj["spec"])
+    spec = LingDeploymentSpec.model_validate(obj["spec"])
     pods = cluster.pods("ling")
     assert sorted(pods) == [f"ling-{g}-{r}" for g in range(3) for r in range(2)]  # no duplicates, no orphans
     assert {p["metadata"]["labels"][resources.LABEL_REVISION] for p in pods.values()} == {
@@ -491,9 +497,16 @@ def test_impossible_gpu_request_is_a_condition_not_a_crash_loop(
     ready = cluster.condition("huge", "Ready")
     assert ready["status"] == "False" and "nvidia.com/gpu" in ready["message"]
     uid = cluster.live_pods("huge")["huge-0-0"]["metadata"]["uid"]
-    time.sleep(12)  # past the rendezvous timeout: still the same pod, no restarts
-    assert cluster.live_pods("huge")["huge-0-0"]["metadata"]["uid"] == uid
-    assert cluster.obj("huge")["status"]["groups"][0]["restarts"] == 0
+    # What must not happen (a restart) would come once the rendezvous timeout (10 s in this spec) has
+    # passed and a pass has looked: watch that long, the same pod and no restarts at every look.
+    holds_for(
+        "the same pod and no restarts",
+        lambda: (
+            cluster.live_pods("huge")["huge-0-0"]["metadata"]["uid"] == uid
+            and cluster.obj("huge")["status"]["groups"][0]["restarts"] == 0
+        ),
+        seconds=10 + 2 * operators.resync_seconds,
+    )
 
 
 def test_deleting_the_deployment_removes_what_it_owned_and_nothing_else(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ling_operator import resources
+from ling_operator import api, resources
+from ling_operator.pods import ObservedPod
 
 OWNER = resources.Owner(name="ling", namespace="serving", uid="uid-1")
 
 
-def base_spec(**overrides: Any) -> dict[str, Any]:
+def base_spec(**overrides: Any) -> api.LingDeploymentSpec:
     spec: dict[str, Any] = {
         "replicas": 1,
         "model": {"source": {"hostPath": {"path": "/models/ling"}}},
@@ -27,7 +28,7 @@ def base_spec(**overrides: Any) -> dict[str, Any]:
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
-    return resources.with_defaults(spec)
+    return resources.validated_spec(spec)
 
 
 def pending(pod: dict[str, Any], message: str | None = None) -> dict[str, Any]:
@@ -85,5 +86,12 @@ def terminating(pod: dict[str, Any]) -> dict[str, Any]:
     return pod
 
 
-def group_pods(spec: dict[str, Any], group: int, state: Any = ready, **kw: Any) -> list[dict[str, Any]]:
+def group_pods(
+    spec: api.LingDeploymentSpec, group: int, state: Any = ready, **kw: Any
+) -> list[dict[str, Any]]:
     return [state(p, **kw) for p in resources.build_group(OWNER, spec, group)]
+
+
+def observed(pods: list[dict[str, Any]]) -> list[ObservedPod]:
+    """What the operator keeps of each pod (its watch cache holds these, not the whole pods)."""
+    return [ObservedPod.from_k8s(p) for p in pods]

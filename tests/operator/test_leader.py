@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from ling_operator import leader
+from ling_operator.timeutil import format_micro_time, parse_time
 
 NOW = datetime(2026, 11, 29, 1, 0, 0, tzinfo=UTC)
 
@@ -14,7 +15,7 @@ NOW = datetime(2026, 11, 29, 1, 0, 0, tzinfo=UTC)
 def lease(holder: str, renewed_ago: float, duration: int = 15) -> dict[str, Any]:
     return {
         "holderIdentity": holder,
-        "renewTime": leader.format_micro_time(NOW - timedelta(seconds=renewed_ago)),
+        "renewTime": format_micro_time(NOW - timedelta(seconds=renewed_ago)),
         "leaseDurationSeconds": duration,
     }
 
@@ -45,4 +46,4 @@ def test_acquire_counts_transitions_and_renew_does_not() -> None:
     renewed = leader.next_spec(taken, "renew", "me", NOW + timedelta(seconds=5), 15)
     assert renewed["leaseTransitions"] == 3
     assert renewed["acquireTime"] == taken["acquireTime"]
-    assert leader.parse_micro_time(renewed["renewTime"]) == NOW + timedelta(seconds=5)
+    assert parse_time(renewed["renewTime"]) == NOW + timedelta(seconds=5)

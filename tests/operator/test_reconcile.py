@@ -7,14 +7,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from ling_operator import reconcile, resources
+from ling_operator import conditions, reconcile, resources
+from ling_operator.api import Condition, LingDeploymentSpec, LingDeploymentStatus
 from ling_operator.reconcile import Plan
+from ling_operator.timeutil import parse_time
 from podstate import (
     OWNER,
     base_spec,
     evicted,
     exited,
     group_pods,
+    observed,
     pending,
     ready,
     running,
@@ -26,22 +29,36 @@ T0 = datetime(2026, 11, 29, 1, 0, 0, tzinfo=UTC)
 SERVICES = ["ling", "ling-ranks"]
 
 
-def run(spec: dict[str, Any], status: dict[str, Any], pods: list[dict[str, Any]], now: datetime = T0) -> Plan:
-    return reconcile.reconcile(OWNER, 1, spec, status, pods, SERVICES, now)
+def run(
+    spec: LingDeploymentSpec,
+    status: dict[str, Any] | LingDeploymentStatus,
+    pods: list[dict[str, Any]],
+    now: datetime = T0,
+) -> Plan:
+    """One pass on status as stored (JSON, as the API server gives it back) and pods as the watch shows them."""
+    raw = status.to_k8s() if isinstance(status, LingDeploymentStatus) else status
+    return reconcile.reconcile(
+        OWNER, 1, spec, LingDeploymentStatus.model_validate(raw), observed(pods), SERVICES, now
+    )
+
+
+def stored(plan: Plan) -> dict[str, Any]:
+    """The plan's status as written (and read back)."""
+    return plan.status.to_k8s()
 
 
 def cond(plan: Plan, type_: str) -> dict[str, Any]:
-    return next(c for c in plan.status["conditions"] if c["type"] == type_)
+    return next(c for c in stored(plan)["conditions"] if c["type"] == type_)
 
 
 def group(plan: Plan, index: int) -> dict[str, Any]:
-    return next(g for g in plan.status["groups"] if g["index"] == index)
+    return next(g for g in stored(plan)["groups"] if g["index"] == index)
 
 
 class World:
     """A tiny API server + kubelet made of data: applies plans, then lets pods settle like kwok does."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: LingDeploymentSpec) -> None:
         self.spec = spec
         self.pods: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
@@ -55,13 +72,13 @@ class World:
         for pod in plan.create_pods:
             assert pod["metadata"]["name"] not in self.pods, "a pod name was reused while the old pod exists"
             self.pods[pod["metadata"]["name"]] = pod
-        self.status = {**self.status, **plan.status}
+        self.status = stored(plan)
         self.now += timedelta(seconds=seconds)
         return plan
 
     def kubelet(self) -> None:
         for name, pod in list(self.pods.items()):
-            if reconcile.is_terminating(pod):
+            if pod["metadata"].get("deletionTimestamp"):
                 del self.pods[name]
             elif "status" not in pod:
                 self.pods[name] = self.settle(pod)
@@ -70,8 +87,8 @@ class World:
         by_group: dict[int, list[dict[str, Any]]] = {}
         for pod in self.pods.values():
             by_group.setdefault(int(pod["metadata"]["labels"]["serving.ling.dev/group"]), []).append(pod)
-        pods = reconcile.rendezvous.pods_per_group(self.spec)
-        return {g for g, ps in by_group.items() if len(ps) == pods and all(reconcile.is_ready(p) for p in ps)}
+        pods = self.spec.pods_per_group
+        return {g for g, ps in by_group.items() if len(ps) == pods and all(o.ready for o in observed(ps))}
 
     def revisions(self) -> set[str]:
         return {p["metadata"]["labels"]["serving.ling.dev/revision"] for p in self.pods.values()}
@@ -86,17 +103,12 @@ class World:
                 check(self)
             if not plan.create_pods and not plan.delete_pods and not plan.events and n > 0:
                 again = run(self.spec, self.status, list(self.pods.values()), self.now)
-                if not again.create_pods and not again.delete_pods and again.status == self.status_subset():
+                if not again.create_pods and not again.delete_pods and stored(again) == self.status:
                     return n
         raise AssertionError(f"no convergence in {max_steps} steps: {self.status}")
 
-    def status_subset(self) -> dict[str, Any]:
-        return {
-            k: self.status[k] for k in run(self.spec, self.status, list(self.pods.values()), self.now).status
-        }
 
-
-def steady(spec: dict[str, Any]) -> World:
+def steady(spec: LingDeploymentSpec) -> World:
     world = World(spec)
     world.converge()
     return world
@@ -107,7 +119,7 @@ def steady(spec: dict[str, Any]) -> World:
 
 def test_fresh_deployment_creates_every_group_and_both_services() -> None:
     spec = base_spec(replicas=2)
-    plan = reconcile.reconcile(OWNER, 3, spec, {}, [], [], T0)
+    plan = reconcile.reconcile(OWNER, 3, spec, LingDeploymentStatus(), [], [], T0)
     assert sorted(p["metadata"]["name"] for p in plan.create_pods) == [
         "ling-0-0",
         "ling-0-1",
@@ -115,12 +127,12 @@ def test_fresh_deployment_creates_every_group_and_both_services() -> None:
         "ling-1-1",
     ]
     assert sorted(s["metadata"]["name"] for s in plan.create_services) == ["ling", "ling-ranks"]
-    assert plan.status["observedGeneration"] == 3
-    assert [g["phase"] for g in plan.status["groups"]] == ["Pending", "Pending"]
+    assert stored(plan)["observedGeneration"] == 3
+    assert [g["phase"] for g in stored(plan)["groups"]] == ["Pending", "Pending"]
     assert group(plan, 1)["masterAddress"] == "ling-1-0.ling-ranks.serving.svc"
     assert cond(plan, "Ready")["status"] == "False"
     assert cond(plan, "Progressing")["reason"] == "ScalingUp"
-    assert plan.status["selector"] == "serving.ling.dev/deployment=ling,serving.ling.dev/role=head"
+    assert stored(plan)["selector"] == "serving.ling.dev/deployment=ling,serving.ling.dev/role=head"
 
 
 def test_ready_groups_then_steady_state_writes_nothing() -> None:
@@ -130,7 +142,7 @@ def test_ready_groups_then_steady_state_writes_nothing() -> None:
     plan = run(world.spec, world.status, list(world.pods.values()), world.now + timedelta(hours=1))
     assert not plan.create_pods and not plan.delete_pods and not plan.events and not plan.create_services
     assert plan.requeue_after is None
-    assert {k: world.status[k] for k in plan.status} == plan.status
+    assert stored(plan) == world.status
     assert cond(plan, "Ready")["status"] == "True"
     assert cond(plan, "RendezvousReady")["reason"] == "AllRanksJoined"
     assert cond(plan, "Progressing")["reason"] == "UpToDate"
@@ -253,10 +265,10 @@ def test_backoff_resets_after_the_group_served_long_enough() -> None:
     assert world.status["groups"][0]["backoffSeconds"] == 160
     ready_since = world.status["groups"][0]["readySince"]
     # Ready for 9 minutes 59 s: still the same crash loop, the delay doubles.
-    world.now = reconcile.parse_time(ready_since) + timedelta(seconds=599)
+    world.now = parse_time(ready_since) + timedelta(seconds=599)
     assert fail_and_restart(world, after=0)["backoffSeconds"] == 300
     # Ready for 10 minutes (longer than maxBackoffSeconds 300): the next restart waits backoffSeconds again.
-    world.now = reconcile.parse_time(world.status["groups"][0]["readySince"]) + timedelta(seconds=600)
+    world.now = parse_time(world.status["groups"][0]["readySince"]) + timedelta(seconds=600)
     failed = fail_and_restart(world, after=0)
     assert failed["backoffSeconds"] == 10
     assert failed["lastRestartReason"].endswith("restarting group 0 in 10 s")
@@ -276,7 +288,7 @@ def test_ready_since_marks_uninterrupted_service_and_causes_no_writes_in_steady_
     entry = world.status["groups"][0]
     assert entry["phase"] == "Ready" and entry["readySince"]
     later = run(world.spec, world.status, list(world.pods.values()), world.now + timedelta(hours=5))
-    assert later.status["groups"] == world.status["groups"]  # nothing to write while nothing changes
+    assert stored(later)["groups"] == world.status["groups"]  # nothing to write while nothing changes
     # A group that stops being ready loses readySince (the reset counts uninterrupted service only),
     # and a long service before that still resets the backoff when it then fails.
     world.status["groups"][0]["backoffSeconds"] = 300
@@ -390,7 +402,7 @@ def test_rollout_progress_is_in_status_and_events() -> None:
     plan = world.step()
     assert plan.delete_pods == ["ling-2-0", "ling-2-1"]  # highest index first, one at a time
     assert cond(plan, "Progressing")["reason"] == "RollingUpdate"
-    assert plan.status["updatedReplicas"] == 0
+    assert stored(plan)["updatedReplicas"] == 0
     assert any(e.reason == "RollingUpdate" and "replacing group 2" in e.message for e in plan.events)
 
 
@@ -419,8 +431,8 @@ def test_scale_up_then_down_by_whole_groups() -> None:
     world.spec = base_spec(replicas=1)
     plan = world.step()
     assert sorted(plan.delete_pods) == ["ling-1-0", "ling-1-1", "ling-2-0", "ling-2-1"]
-    assert [g["index"] for g in plan.status["groups"]] == [0]
-    assert plan.status["replicas"] == 1
+    assert [g["index"] for g in stored(plan)["groups"]] == [0]
+    assert stored(plan)["replicas"] == 1
 
 
 def test_events_tell_a_scale_up_from_a_surge_replacement() -> None:
@@ -448,7 +460,7 @@ def test_scale_down_removes_not_ready_groups_first() -> None:
     world.spec = base_spec(replicas=2)
     plan = world.step()
     assert sorted(plan.delete_pods) == ["ling-0-0", "ling-0-1"]
-    assert [g["index"] for g in plan.status["groups"]] == [1, 2]
+    assert [g["index"] for g in stored(plan)["groups"]] == [1, 2]
 
 
 def test_pods_of_an_earlier_object_with_the_same_name_are_never_touched() -> None:
@@ -468,38 +480,40 @@ def test_operator_restart_adopts_running_groups_without_duplicates() -> None:
     world = steady(base_spec(replicas=2))
     plan = run(world.spec, {}, list(world.pods.values()), world.now)  # status lost
     assert not plan.create_pods and not plan.delete_pods
-    assert plan.status["readyReplicas"] == 2
+    assert stored(plan)["readyReplicas"] == 2
 
 
 def test_conditions_keep_transition_time_and_foreign_types() -> None:
+    earlier = datetime(2026, 1, 1, tzinfo=UTC)
     prev = [
-        {
-            "type": "Ready",
-            "status": "True",
-            "reason": "AllGroupsReady",
-            "lastTransitionTime": "2026-01-01T00:00:00Z",
-        },
-        {"type": "ScalingActive", "status": "True", "reason": "MetricsAvailable", "lastTransitionTime": "x"},
+        Condition(type="Ready", status="True", reason="AllGroupsReady", last_transition_time=earlier),
+        Condition(
+            type="ScalingActive", status="True", reason="MetricsAvailable", last_transition_time=earlier
+        ),
     ]
-    merged = reconcile.merge_conditions(
+    merged = conditions.merge(
         prev,
         [
-            {"type": "Ready", "status": "True", "reason": "AllGroupsReady", "message": "1 of 1"},
-            {"type": "Degraded", "status": "False", "reason": "AsExpected", "message": ""},
+            conditions.condition("Ready", "True", "AllGroupsReady", "1 of 1"),
+            conditions.condition("Degraded", "False", "AsExpected", ""),
         ],
         7,
         T0,
     )
-    by_type = {c["type"]: c for c in merged}
-    assert by_type["Ready"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
-    assert by_type["Degraded"]["lastTransitionTime"] == "2026-11-29T01:00:00Z"
-    assert by_type["ScalingActive"]["lastTransitionTime"] == "x"
-    assert by_type["Ready"]["observedGeneration"] == 7
-    assert [c["type"] for c in merged] == ["Ready", "Degraded", "ScalingActive"]
+    by_type = {c.type: c for c in merged}
+    assert by_type["Ready"].last_transition_time == earlier
+    assert by_type["Degraded"].last_transition_time == T0
+    assert by_type["ScalingActive"] == prev[1]  # another writer's condition, untouched
+    assert by_type["Ready"].observed_generation == 7
+    assert [c.type for c in merged] == ["Ready", "Degraded", "ScalingActive"]
+    flipped = conditions.merge(merged, [conditions.condition("Ready", "False", "GroupsNotReady", "")], 8, T0)
+    assert conditions.find(flipped, "Ready").last_transition_time == T0  # type: ignore[union-attr]
 
 
 def test_invalid_spec_status_names_the_problem() -> None:
-    status = reconcile.invalid_spec_status({}, 4, "spec.parallelism.tensor must be divisible", T0)
+    status = reconcile.invalid_spec_status(
+        LingDeploymentStatus(), 4, "spec.parallelism.tensor must be divisible", T0
+    ).to_k8s()
     (degraded,) = status["conditions"]
     assert (degraded["type"], degraded["status"], degraded["reason"]) == ("Degraded", "True", "InvalidSpec")
     assert "spec.parallelism.tensor" in degraded["message"]
@@ -523,7 +537,7 @@ def test_scale_to_zero_removes_every_group() -> None:
     world.spec = base_spec(replicas=0)
     plan = world.step()
     assert sorted(plan.delete_pods) == ["ling-0-0", "ling-0-1", "ling-1-0", "ling-1-1"]
-    assert plan.status["groups"] == [] and plan.status["replicas"] == 0
+    assert stored(plan)["groups"] == [] and stored(plan)["replicas"] == 0
     assert cond(plan, "Ready")["reason"] == "ScaledToZero"
     world.kubelet()
     assert not world.step().create_pods

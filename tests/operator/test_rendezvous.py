@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 import pytest
 from ling_operator import rendezvous
+from ling_operator.api import BuiltinSource, EngineSpec, ModelSource, ParallelismSpec
 from ling_runtime import cli as runtime_cli
 from podstate import base_spec
 
@@ -57,12 +57,12 @@ def test_env_block_names_every_contract_variable() -> None:
 
 @pytest.mark.parametrize(("tensor", "gpus", "pods"), [(4, 4, 1), (4, 2, 2), (4, 1, 4), (2, 1, 2), (1, 1, 1)])
 def test_pods_per_group(tensor: int, gpus: int, pods: int) -> None:
-    assert rendezvous.pods_per_group({"parallelism": {"tensor": tensor, "gpusPerPod": gpus}}) == pods
+    assert ParallelismSpec.model_validate({"tensor": tensor, "gpusPerPod": gpus}).pods_per_group == pods
 
 
 def test_pods_per_group_rejects_indivisible_tp() -> None:
-    with pytest.raises(ValueError, match=r"spec\.parallelism: tensor \(4\).*gpusPerPod \(3\)"):
-        rendezvous.pods_per_group({"parallelism": {"tensor": 4, "gpusPerPod": 3}})
+    with pytest.raises(ValueError, match=r"spec\.parallelism\.tensor must be divisible by .*gpusPerPod"):
+        ParallelismSpec.model_validate({"tensor": 4, "gpusPerPod": 3})
 
 
 def test_native_command_matches_the_architecture_contract() -> None:
@@ -158,7 +158,7 @@ def test_vllm_single_pod_serves_directly() -> None:
 
 def test_engine_args_never_reach_a_shell_string() -> None:
     evil = "; rm -rf / #"
-    spec: dict[str, Any] = base_spec(engine={"type": "vllm", "image": "v", "extraArgs": [evil]})
+    spec = base_spec(engine={"type": "vllm", "image": "v", "extraArgs": [evil]})
     head = rendezvous.vllm_command(spec, 0)
     assert evil not in head[2]
     assert head[-1] == evil
@@ -166,8 +166,9 @@ def test_engine_args_never_reach_a_shell_string() -> None:
 
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_external_engines_refuse_the_builtin_model(engine: str) -> None:
-    spec = base_spec()
-    spec["engine"] = {"type": engine, "image": "x"}
-    spec["model"]["source"] = {"builtin": {}}
+    # The API refuses this combination; the builders refuse it too, should one ever get through.
+    spec = base_spec().model_copy(deep=True)
+    spec.engine = EngineSpec(type=engine, image="x")  # type: ignore[arg-type]
+    spec.model.source = ModelSource(builtin=BuiltinSource())
     with pytest.raises(ValueError, match=r"spec\.model\.source"):
         rendezvous.engine_command(spec, 0)

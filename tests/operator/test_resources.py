@@ -197,8 +197,8 @@ def test_services() -> None:
         assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
 
 
-def test_with_defaults_names_the_bad_field() -> None:
+def test_validated_spec_names_the_bad_field() -> None:
     with pytest.raises(api.ValidationError, match="gpusPerPod"):
-        resources.with_defaults(
+        resources.validated_spec(
             {"model": {"source": {"builtin": {}}}, "parallelism": {"tensor": 4, "gpusPerPod": 3}}
         )

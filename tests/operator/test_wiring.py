@@ -1,10 +1,11 @@
-"""The operator's shell pieces that are plain functions: CLI flags, metric names, status merging."""
+"""The operator's shell pieces that are plain functions: CLI flags, metric names, status patches."""
 
 from __future__ import annotations
 
 import pytest
-from ling_operator import cli, handlers, metrics, resources
-from podstate import OWNER, base_spec, group_pods, ready, running
+from ling_operator import cache, cli, controller, metrics, resources, writes
+from ling_operator.api import LingDeploymentStatus
+from podstate import OWNER, base_spec, group_pods, observed, ready, running
 from prometheus_client import generate_latest
 
 ARCHITECTURE_METRICS = [
@@ -56,19 +57,27 @@ def test_cli_rejects_bad_values_naming_the_flag(argv: list[str]) -> None:
         cli.main(argv)
 
 
-def test_upsert_conditions_replaces_by_type_and_keeps_the_rest() -> None:
-    prev = [{"type": "Ready", "status": "True"}, {"type": "ScalingActive", "status": "False", "reason": "A"}]
-    merged = handlers.upsert_conditions(prev, [{"type": "ScalingActive", "status": "True", "reason": "B"}])
-    assert merged == [
-        {"type": "Ready", "status": "True"},
-        {"type": "ScalingActive", "status": "True", "reason": "B"},
-    ]
-
-
 def test_observed_groups_for_the_autoscaler() -> None:
     spec = base_spec(replicas=2)
-    pods = group_pods(spec, 0, ready) + group_pods(spec, 1, running)
-    status = {"groups": [{"index": 0, "phase": "Ready"}, {"index": 1, "phase": "Loading"}]}
-    groups = handlers.observed_groups(status, pods)
+    pods = observed(group_pods(spec, 0, ready) + group_pods(spec, 1, running))
+    status = LingDeploymentStatus.model_validate(
+        {"groups": [{"index": 0, "phase": "Ready"}, {"index": 1, "phase": "Loading"}]}
+    )
+    groups = controller.observed_groups(status, pods)
     assert [(g.index, g.rank0_ip, g.ready) for g in groups] == [(0, "10.0.0.1", True), (1, "10.0.0.1", False)]
     assert resources.build_pod(OWNER, spec, 1, 0)["metadata"]["name"] == "ling-1-0"
+
+
+def test_status_patch_is_the_difference_and_empty_in_steady_state() -> None:
+    stored = {"replicas": 1, "autoscaler": {"recommendation": 2, "sourceError": "x"}, "queueDepth": 3}
+    new = {"replicas": 1, "autoscaler": {"recommendation": 2}, "groups": []}
+    assert writes.merge_patch(stored, new) == {
+        "autoscaler": {"sourceError": None},
+        "queueDepth": None,
+        "groups": [],
+    }
+    assert writes.merge_patch(new, new) == {}
+
+
+def test_a_status_the_model_refuses_counts_as_none() -> None:
+    assert cache.parse_status({"groups": [{"phase": "Sideways"}]}, {}) == LingDeploymentStatus()
