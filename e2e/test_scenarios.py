@@ -6,7 +6,9 @@ model card's question, then answer held-out questions of the built-in model's ta
 pods' TP 2 shards with MTP drafts mostly accepted, (b) load
 scales it up and, after the window, back down, (c) a killed rank restarts its whole group and only
 it, (d) MTP off and on rolls one group at a time with identical greedy answers, (e) the operator is
-killed mid-rollout and converges after a restart, (f) delete removes every pod, Service and process.
+killed mid-rollout and converges after a restart, (f) delete removes every pod, Service and process;
+(c2) SIGTERM of a head under load and a SIGSTOPped TP shard end in answers or 503s, never a hang, and a
+group restart.
 Each asserts on what a user observes (kubectl, events, metrics, the openai client). The measured
 seconds go to bench/results/e2e-<date>.json when LING_RECORD_E2E=1.
 
@@ -230,6 +232,8 @@ def _write_results() -> None:
             "apply_to_first_token": "kubectl apply -> group 0 Ready -> first streamed token via openai",
             "surge_to_new_group_serving": "6 looping clients start -> queue > target -> group 1 answers",
             "rank_death_to_group_serving": "SIGKILL of rank 1 -> both pods of its group replaced -> answers",
+            "sigterm_to_group_serving": "SIGTERM of a head under load (drain) -> group replaced -> Ready",
+            "stopped_rank_to_group_serving": "SIGSTOP of a TP shard under load -> 503s -> group replaced -> Ready",
             "load_end_to_scaled_down": "clients stop -> spec.replicas 1 and group 1 gone (window 20 s)",
         },
     }
@@ -391,6 +395,98 @@ def test_c_killed_rank_restarts_its_whole_group_and_only_it(user: User, op: Oper
     assert {p["metadata"]["uid"] for p in user.group(0)} == group0, "group 0 was disturbed"
     assert user.events("RankFailed"), "no RankFailed event"
     assert metric(op_url(op), "ling_operator_group_restarts_total") > restarts_before
+
+
+class Load:
+    """Clients looping chat requests at one group's head until stopped; each outcome recorded as
+    "200", "503:<code>", "gone" (connection refused: the process has exited, as a Service would no
+    longer route to it) or the exception's name (a timeout: a hang)."""
+
+    def __init__(self, ip: str, clients: int = 4) -> None:
+        self.ip = ip
+        self.outcomes: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=150)
+
+    def _run(self) -> None:
+        import httpx
+
+        body = {"model": NAME, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24}
+        while not self.stop.is_set():
+            try:
+                r = httpx.post(f"http://{self.ip}:30000/v1/chat/completions", json=body, timeout=120)
+                code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+                self.outcomes.append(str(r.status_code) + (f":{code}" if code else ""))
+                if code:
+                    time.sleep(0.2)  # as Retry-After asks, a little
+            except httpx.ConnectError:
+                self.outcomes.append("gone")
+                time.sleep(0.5)
+            except Exception as exc:
+                self.outcomes.append(type(exc).__name__)
+                return
+
+
+def _group1_replaced(user: User, old: set[str]) -> str | None:
+    pods = user.group(1)
+    fresh = len(pods) == 2 and not ({p["metadata"]["uid"] for p in pods} & old)
+    return user.head_ip(1) if fresh else None
+
+
+def test_c2_sigterm_and_a_stopped_rank_end_in_answers_or_503s_then_a_restart(user: User) -> None:
+    """Issue 16: SIGTERM of a head under load drains (answers, then 503 shutting_down); a SIGSTOPped
+    TP rank fails the group's requests with 503 engine_failed. No client hangs; both times the
+    operator restarts the group, which serves again."""
+    user.patch({"autoscaling": {"enabled": False}, "replicas": 2})
+    wait_until("two groups Ready", lambda: user.ready_groups() == {0, 1}, 300)
+    ip1 = user.head_ip(1)
+    assert ip1
+    head = next(p for p in user.group(1) if p["metadata"]["labels"]["serving.ling.dev/rank"] == "0")
+    pid = int(head["status"]["containerStatuses"][0]["containerID"].removeprefix("ling-exec://"))
+    uids = {p["metadata"]["uid"] for p in user.group(1)}
+    with Load(ip1) as load:
+        wait_until("requests on group 1", lambda: len(load.outcomes) >= 2, 120, 0.5)
+        term = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        ip1 = wait_until(
+            "group 1 replaced after SIGTERM and Ready", lambda: _group1_replaced(user, uids), 300
+        )
+    RESULTS["sigterm_to_group_serving"] = round(time.monotonic() - term, 1)
+    assert set(load.outcomes) <= {"200", "503:shutting_down", "gone"}, load.outcomes
+    assert "200" in load.outcomes and "503:shutting_down" in load.outcomes, load.outcomes
+    assert ask(ip1)[0] is not None
+
+    # A stopped TP shard (the Ray actor of node rank 1): its pings time out, the head fails every
+    # request with a 503 naming the rank and exits; the operator restarts the group.
+    info = json.loads(urllib.request.urlopen(f"http://{ip1}:30000/get_server_info", timeout=10).read())
+    shard = info["worker_pids"][0]
+    uids = {p["metadata"]["uid"] for p in user.group(1)}
+    with Load(ip1) as load:
+        wait_until("requests on group 1", lambda: len(load.outcomes) >= 2, 120, 0.5)
+        stopped = time.monotonic()
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            ip1 = wait_until(
+                "group 1 replaced after a stopped rank and Ready", lambda: _group1_replaced(user, uids), 300
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(shard, signal.SIGKILL)  # if the group's teardown has not already
+    RESULTS["stopped_rank_to_group_serving"] = round(time.monotonic() - stopped, 1)
+    assert set(load.outcomes) <= {"200", "503:engine_failed", "gone"}, load.outcomes
+    assert "503:engine_failed" in load.outcomes, load.outcomes
+    assert ask(ip1)[0] is not None
+    assert user.ready_groups() == {0, 1}
 
 
 def _roll(user: User, enabled: bool, during: Any = None) -> tuple[int, float]:

@@ -157,7 +157,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-mamba-snapshots",
         **count("--max-mamba-snapshots"),
-        help="Lightning-state snapshots the prefix cache may hold (default 2 x the state slots); "
+        help="Lightning-state snapshots the prefix cache may hold (default: as many as the state "
+        "slots, at least 32; each is one sequence's state, 58.7 MB / TP size on Ling-2.6-flash); "
         "least recently used ones are evicted",
     )
     p.add_argument(
@@ -231,6 +232,11 @@ def validate(ns: argparse.Namespace) -> Settings:
         raise SettingsError(f"--mem-fraction-static {s.mem_fraction_static}: expected a fraction in (0, 1]")
     if s.rendezvous_timeout <= 0:
         raise SettingsError(f"--rendezvous-timeout {s.rendezvous_timeout}: expected seconds > 0")
+    if s.mamba_track_interval % LIGHTNING_CHUNK or s.mamba_track_interval % s.page_size:
+        raise SettingsError(
+            f"--mamba-track-interval {s.mamba_track_interval}: must be a multiple of {LIGHTNING_CHUNK} "
+            f"(the Lightning chunk) and of --page-size {s.page_size}"
+        )
     api_key = _api_key(s)
     return dataclasses.replace(s, launcher=launcher, api_key=api_key, **_speculative(s, given))
 

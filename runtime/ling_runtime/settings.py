@@ -28,6 +28,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 LIGHTNING_CHUNK = 64
 # The default KV budget when --max-total-tokens is left out: the context, and at least this much.
 MIN_DEFAULT_TOTAL_TOKENS = 32768
+MIN_DEFAULT_SNAPSHOTS = 32  # prefix-cache snapshot buffers when --max-mamba-snapshots is left out
 
 
 class SettingsError(ValueError):
@@ -73,7 +74,7 @@ class Settings:
     # Snapshot the Lightning states every this many tokens (SGLang's name; its default is 256, ours
     # 64 so that a 200-token shared prefix resumes at 192). A multiple of 64 and of --page-size.
     mamba_track_interval: int = LIGHTNING_CHUNK
-    max_mamba_snapshots: int | None = None  # None: 2 x the state slots
+    max_mamba_snapshots: int | None = None  # None: as many as the state slots, at least 32
     schedule_policy: str = "fcfs"
     load_format: str = "auto"
     max_queued_requests: int = 4096  # waiting requests beyond it get 503 + Retry-After
@@ -144,7 +145,9 @@ class Settings:
         """Lightning-state snapshot buffers of the prefix cache (0 when it is off)."""
         if not self.prefix_cache:
             return 0
-        return self.max_mamba_snapshots or 2 * self.num_slots
+        # Each holds every Lightning layer's state (Ling-2.6-flash: 28 x 32 x 128^2 fp32 = 58.7 MB
+        # per TP shard), as a slot does: by default as many as the slots, and at least 32.
+        return self.max_mamba_snapshots or max(self.num_slots, MIN_DEFAULT_SNAPSHOTS)
 
     @property
     def num_pages(self) -> int:

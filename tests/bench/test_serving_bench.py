@@ -409,7 +409,8 @@ def test_random_workload_end_to_end(served: str, tmp_path: Path, capsys) -> None
     assert m["available"] and m["families"] == ["ling_runtime"]
     # The server counted the same prompt tokens as the benchmark (the warm-up was before the scrape).
     assert m["deltas"]['ling_runtime_prompt_tokens_total{model_name="ling-tiny"}'] == s["prompt_tokens"]
-    assert rec["summary"]["cached_tokens"] is None  # our usage has no cached_tokens (yet)
+    # The server reports usage.prompt_tokens_details.cached_tokens; random prompts share no cached block.
+    assert rec["summary"]["cached_tokens"] == 0
     line = capsys.readouterr().out
     assert "bench.serving random: 6/6 ok" in line and str(tmp_path / "r.json") in line
 
@@ -435,6 +436,9 @@ def test_fixed_and_agent_workloads_end_to_end(served: str, tmp_path: Path) -> No
     means = [t["prompt_tokens_mean"] for t in turns]
     assert means[0] > 800 and means[0] < means[1] < means[2]  # each turn appends reply + tool result
     assert {(r["session"], r["turn"]) for r in rec["requests"]} == {(s, t) for s in (0, 1) for t in (0, 1, 2)}
+    # Turns 1 and 2 of each session reuse at least the shared prefix's whole 64-token blocks (the two
+    # first turns may run at once, so both can miss).
+    assert s["cached_tokens"] >= 4 * (800 // 64) * 64 and 0 < s["cache_hit_rate"] < 1
 
 
 def test_errors_are_counted_by_status(served: str, tmp_path: Path) -> None:

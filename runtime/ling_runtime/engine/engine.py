@@ -90,13 +90,16 @@ class Engine:
         self.settings = settings
         self.context_length: int = settings.context_length
         self.metrics = metrics
-        # The prefix cache's blocks are the snapshot interval (engine/radix_cache.py).
+        # The prefix cache's blocks are the snapshot interval (engine/radix_cache.py); its snapshot
+        # pool is what the ranks' caches really hold (a runner built by hand may have none).
+        held = getattr(getattr(getattr(executor, "runner", None), "cache", None), "num_snapshots", None)
+        num_snapshots = settings.num_snapshots if held is None else min(held, settings.num_snapshots)
         cache = CacheManager(
             settings.num_slots,
             settings.num_pages,
             settings.page_size,
-            block_tokens=settings.mamba_track_interval if settings.prefix_cache else 0,
-            num_snapshots=settings.num_snapshots,
+            block_tokens=settings.mamba_track_interval if num_snapshots else 0,
+            num_snapshots=num_snapshots,
         )
         self.scheduler = Scheduler(
             cache,
@@ -105,7 +108,7 @@ class Engine:
             lookahead_tokens=settings.num_draft_steps + 1,
             policy=settings.schedule_policy,
             # Chunks on the Lightning chunk grid (the snapshot grid when caching): see scheduler.py.
-            align=settings.mamba_track_interval if settings.prefix_cache else LIGHTNING_CHUNK,
+            align=settings.mamba_track_interval if num_snapshots else LIGHTNING_CHUNK,
             speculative=settings.num_draft_steps > 0,
         )
         self._admitted_prompt_tokens = 0  # for the prefix cache's hit rate

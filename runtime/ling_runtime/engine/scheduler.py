@@ -150,13 +150,13 @@ class Scheduler:
                 continue
             start, prompt = seq.num_computed, len(seq.prompt_ids)
             end = min(prompt, start + budget)
-            if end < prompt and self.align > 1:
+            if end < prompt and self.chunk_tokens >= self.align > 1:
                 aligned = end // self.align * self.align
-                if aligned > start:
-                    end = aligned
-                elif budget < self.chunk_tokens:
+                if aligned <= start:
                     continue  # too little budget left for a piece on the grid: next step
-                # else the whole budget is below the grid: unaligned chunks (still correct)
+                end = aligned
+            # (A budget below the grid gives unaligned chunks: still exact, snapshots cut the
+            # Lightning chunks mid-way and the Triton path falls back to the reference for them.)
             alloc = seq.allocation
             assert alloc is not None
             restore = None
@@ -189,6 +189,7 @@ class Scheduler:
             sid = self.cache.alloc_snapshot()
             if sid is not None:
                 out.append((b, sid))
+                seq.planned[b] = sid
         seq.snap_mark = hi
         return tuple(out)
 
@@ -206,11 +207,11 @@ class Scheduler:
             self.cache_blocks(seq)
 
     def _taken(self, seq: Sequence, snaps: Snapshots) -> None:
-        if seq.allocation is None:  # finished meanwhile: nothing to hand over
-            for _, sid in snaps:
-                self.cache.free_snapshot(sid)
+        if seq.allocation is None:  # released meanwhile, with its planned snapshots
             return
-        seq.snapshots.update(snaps)
+        for b, sid in snaps:
+            seq.planned.pop(b, None)
+            seq.snapshots[b] = sid
 
     def cache_blocks(self, seq: Sequence) -> None:
         """Insert the sequence's blocks up to its deepest snapshot whose block is complete (under
@@ -237,8 +238,9 @@ class Scheduler:
         """Free a sequence's slot, its own pages, its hold on shared prefix pages (reference
         counted: they stay cached for others) and snapshots it took but did not cache. Idempotent."""
         if seq.allocation is not None:
-            self.cache.release(seq.allocation, list(seq.snapshots.values()))
+            self.cache.release(seq.allocation, [*seq.snapshots.values(), *seq.planned.values()])
             seq.snapshots.clear()
+            seq.planned.clear()
             seq.allocation = None
 
     @property

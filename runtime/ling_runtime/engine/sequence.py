@@ -36,7 +36,9 @@ class Sequence:
     # ---- prefix cache (engine/radix_cache.py) ----
     cached_tokens: int = 0  # prompt tokens served from the cache at admission (usage, metrics)
     snap_mark: int = 0  # snapshot boundaries at or below this position are planned
-    # Boundary position -> snapshot id, taken by an executed step, not yet handed to the tree.
+    # Boundary position -> snapshot id: planned into a step not yet run / taken by an executed step
+    # but not yet handed to the tree. Release frees both.
+    planned: dict[int, int] = field(default_factory=dict)
     snapshots: dict[int, int] = field(default_factory=dict)
     # MTP: positions [0, mtp_done) hold the MTP layer's latent KV for their true next token (the
     # draft-extend of the step after they were computed); only such blocks go into the tree.

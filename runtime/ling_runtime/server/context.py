@@ -17,17 +17,22 @@ from ling_runtime.text.grammar import Grammars
 # Threads that turn request bodies into token ids (JSON, chat template, tokenizer, grammars): off the
 # event loop, few enough that a flood of large bodies cannot take every core from the engine.
 TEXT_THREADS = 4
-# Room in a body for what is not prompt text (the JSON around it, tool schemas, sampling fields).
-BODY_OVERHEAD_BYTES = 1 << 20
 # JSON may spell one byte of prompt text with up to 3 bytes (a 2-byte character as a 6-byte \uXXXX
 # escape, as json.dumps does by default).
 JSON_BYTES_PER_TEXT_BYTE = 3
+# JSON around the text, per token of the prompt: every message, tool and content part becomes at
+# least one token of the rendered prompt, and none needs this many bytes of keys and quotes.
+JSON_BYTES_PER_TOKEN = 64
+# And the body's own fields (model, sampling parameters, ...).
+BODY_FIELDS_BYTES = 1 << 16
 
 
 def default_body_limit(context_length: int, max_token_bytes: int) -> int:
     """Bytes of the largest body a legal request can need: the longest prompt the context allows
-    (every token the longest one), escaped as JSON, plus room for the rest of the body."""
-    return BODY_OVERHEAD_BYTES + JSON_BYTES_PER_TEXT_BYTE * context_length * max_token_bytes
+    (every token the longest one, JSON-escaped, with its JSON structure), plus the other fields.
+    Messages and tools are all rendered into the prompt, so the context bounds them all."""
+    per_token = JSON_BYTES_PER_TEXT_BYTE * max_token_bytes + JSON_BYTES_PER_TOKEN
+    return BODY_FIELDS_BYTES + context_length * per_token
 
 
 @dataclass(frozen=True)
