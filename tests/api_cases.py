@@ -230,4 +230,87 @@ BAD_CASES: tuple[BadCase, ...] = (
         _set("spec.model.ropeScaling", {"factor": 0.5}),
         ("spec.model.ropeScaling.factor",),
     ),
+    BadCase(
+        "yarn-partial-rotary-above-one",
+        _set("spec.model.ropeScaling", {"factor": 2.0, "partialRotaryFactor": 1.5}),
+        ("spec.model.ropeScaling.partialRotaryFactor",),
+    ),
+    # Fields an engine cannot honour: refused at apply, never dropped, never a crash loop.
+    BadCase(
+        "native-mtp-topk-above-one",
+        _set("spec.speculative", {"enabled": True, "topK": 2, "numSteps": 3, "numDraftTokens": 6}),
+        ("spec.speculative.topK", "native"),
+    ),
+    BadCase(
+        "native-tool-parser-not-qwen25",
+        _set("spec.runtime.toolCallParser", "llama3"),
+        ("spec.runtime.toolCallParser", "qwen25"),
+    ),
+    BadCase(
+        "vllm-with-mtp",
+        _all(
+            _set("spec.engine", {"type": "vllm", "image": "vllm/vllm-openai:v0.21.0"}),
+            _set("spec.model.source", {"pvc": {"claimName": "weights"}}),
+        ),
+        ("spec.speculative.enabled", "vllm"),
+    ),
+    BadCase(
+        "vllm-max-mamba-cache-size",
+        _all(
+            _set("spec.engine", {"type": "vllm", "image": "vllm/vllm-openai:v0.21.0"}),
+            _set("spec.model.source", {"pvc": {"claimName": "weights"}}),
+            _set("spec.speculative.enabled", False),
+            _set("spec.runtime.maxMambaCacheSize", 256),
+        ),
+        ("spec.runtime.maxMambaCacheSize", "vllm"),
+    ),
+    BadCase(
+        "vllm-watchdog",
+        _all(
+            _set("spec.engine", {"type": "vllm", "image": "vllm/vllm-openai:v0.21.0"}),
+            _set("spec.model.source", {"pvc": {"claimName": "weights"}}),
+            _set("spec.speculative.enabled", False),
+            _set("spec.runtime.watchdogTimeoutSeconds", 600),
+        ),
+        ("spec.runtime.watchdogTimeoutSeconds", "vllm"),
+    ),
+    BadCase(
+        "vllm-max-queued-requests",
+        _all(
+            _set("spec.engine", {"type": "vllm", "image": "vllm/vllm-openai:v0.21.0"}),
+            _set("spec.model.source", {"pvc": {"claimName": "weights"}}),
+            _set("spec.speculative.enabled", False),
+            _set("spec.runtime.maxQueuedRequests", 100),
+        ),
+        ("spec.runtime.maxQueuedRequests", "vllm"),
+    ),
+    BadCase(
+        "sglang-api-key-secret",
+        _all(
+            _set("spec.engine", {"type": "sglang", "image": "lmsysorg/sglang:v0.5.10.post1"}),
+            _set("spec.model.source", {"pvc": {"claimName": "weights"}}),
+            _set("spec.runtime.apiKeySecretRef", {"name": "api", "key": "key"}),
+        ),
+        ("spec.runtime.apiKeySecretRef", "sglang"),
+    ),
+    BadCase(
+        "gang-without-queue",
+        _set("spec.placement.gang", {"enabled": True}),
+        ("spec.placement.gang.queueName",),
+    ),
+    BadCase(
+        "placement-key-not-a-label",
+        _set("spec.placement.groupTopologyKey", "rack id"),
+        ("spec.placement.groupTopologyKey",),
+    ),
+    BadCase(
+        "hugging-face-endpoint-not-http",
+        _set("spec.model.source", {"huggingFace": {"repo": "org/name", "endpoint": "ftp://mirror"}}),
+        ("spec.model.source.huggingFace.endpoint",),
+    ),
+    BadCase(
+        "drain-timeout-zero",
+        _set("spec.runtime.drainTimeoutSeconds", 0),
+        ("spec.runtime.drainTimeoutSeconds",),
+    ),
 )

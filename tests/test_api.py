@@ -84,8 +84,11 @@ def test_scale_to_zero_allows_zero_replicas() -> None:
     assert LingDeployment.model_validate(m).spec.replicas == 0
 
 
-def test_topk_above_one_frees_draft_tokens() -> None:
+def test_topk_above_one_frees_draft_tokens_on_sglang() -> None:
+    # SGLang's EAGLE trees (topK > 1) verify more drafts than steps; the native engine refuses topK > 1.
     m = valid_manifest()
+    m["spec"]["model"]["source"] = {"pvc": {"claimName": "w"}}
+    m["spec"]["engine"] = {"type": "sglang", "image": "lmsysorg/sglang:v0.5.10.post1"}
     m["spec"]["speculative"].update(topK=4, numDraftTokens=8)
     assert LingDeployment.model_validate(m).spec.speculative.num_draft_tokens == 8
 
@@ -94,7 +97,8 @@ def test_topk_above_one_frees_draft_tokens() -> None:
 def test_other_engines_may_use_larger_tensor(engine: str) -> None:
     m = valid_manifest()
     m["spec"]["model"]["source"] = {"pvc": {"claimName": "w"}}
-    m["spec"]["engine"] = {"type": engine, "image": f"{engine}:latest"}
+    m["spec"]["engine"] = {"type": engine, "image": f"{engine}:v1"}
+    m["spec"]["speculative"]["enabled"] = engine == "sglang"  # vLLM has no MTP for this model
     m["spec"]["parallelism"] = {"tensor": 8, "gpusPerPod": 4}
     assert LingDeployment.model_validate(m).spec.pods_per_group == 2
 

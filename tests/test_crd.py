@@ -98,7 +98,7 @@ def test_scale_and_printer_paths_exist_in_the_schema_with_matching_types() -> No
     for path in version["subresources"]["scale"].values():
         assert _resolve(schema, path)["type"] in ("integer", "string")
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names == ["Replicas", "Ready", "TP", "Pods/Group", "MTP", "Queue", "Engine", "Age"]
+    assert names == ["Replicas", "Ready", "TP", "Pods/Group", "MTP", "MTP-Accept", "Queue", "Engine", "Age"]
     for column in version["additionalPrinterColumns"]:
         if column["jsonPath"].startswith(".metadata"):
             continue

@@ -118,6 +118,13 @@ class Reason:
     SCALING_UP = "ScalingUp"
     SCALING_DOWN = "ScalingDown"
     WAITING_FOR_GPUS = "WaitingForGPUs"
+    # Pending in the scheduler's, kubelet's or API server's words (issue 18): each its own reason.
+    WAITING_FOR_VOLUME = "WaitingForVolume"
+    NO_MATCHING_NODE = "NoMatchingNode"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    PODS_NOT_ADMITTED = "PodsNotAdmitted"
     LOADING_WEIGHTS = "LoadingWeights"
     UP_TO_DATE = "UpToDate"
     # RendezvousReady
@@ -130,6 +137,14 @@ class Reason:
     BACKING_OFF = "BackingOff"
     AS_EXPECTED = "AsExpected"
     INVALID_SPEC = "InvalidSpec"
+    # A create, delete or patch the API refused or never answered (issue 18)
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    ADMISSION_DENIED = "AdmissionDenied"
+    FORBIDDEN = "Forbidden"
+    INVALID_OBJECT = "InvalidObject"
+    WRITE_CONFLICT = "WriteConflict"
+    API_SERVER_ERROR = "APIServerError"
+    API_UNREACHABLE = "APIUnreachable"
     # ScalingActive
     AUTOSCALING_DISABLED = "AutoscalingDisabled"
     METRICS_AVAILABLE = "MetricsAvailable"
@@ -149,6 +164,12 @@ REASONS_BY_CONDITION: dict[str, tuple[str, ...]] = {
         Reason.SCALING_UP,
         Reason.SCALING_DOWN,
         Reason.WAITING_FOR_GPUS,
+        Reason.WAITING_FOR_VOLUME,
+        Reason.NO_MATCHING_NODE,
+        Reason.UNSCHEDULABLE,
+        Reason.IMAGE_PULL_FAILED,
+        Reason.CONTAINER_CONFIG_ERROR,
+        Reason.PODS_NOT_ADMITTED,
         Reason.LOADING_WEIGHTS,
         Reason.UP_TO_DATE,
     ),
@@ -162,6 +183,13 @@ REASONS_BY_CONDITION: dict[str, tuple[str, ...]] = {
         Reason.GROUP_RESTARTING,
         Reason.BACKING_OFF,
         Reason.INVALID_SPEC,
+        Reason.QUOTA_EXCEEDED,
+        Reason.ADMISSION_DENIED,
+        Reason.FORBIDDEN,
+        Reason.INVALID_OBJECT,
+        Reason.WRITE_CONFLICT,
+        Reason.API_SERVER_ERROR,
+        Reason.API_UNREACHABLE,
         Reason.AS_EXPECTED,
     ),
     ConditionType.SCALING_ACTIVE: (
@@ -225,6 +253,8 @@ QUANTITY_PATTERN = (
     r"(\.[0-9]+))))?$"
 )
 Quantity = int | Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
+# A Kubernetes-typed object passed through as is (core/v1 Toleration, Affinity, EnvVar, ...).
+K8sObject = dict[str, Any]
 
 
 def validate_name(name: str) -> None:
@@ -318,7 +348,7 @@ class HostPathSource(ApiModel):
 
 
 class HuggingFaceSource(ApiModel):
-    """A Hugging Face repository, downloaded by an init container into a per-pod volume."""
+    """A Hugging Face repository, downloaded by an init container (once per node by default)."""
 
     repo: str = Field(
         min_length=1,
@@ -327,10 +357,34 @@ class HuggingFaceSource(ApiModel):
         description="Repository id, e.g. inclusionAI/Ling-2.6-flash.",
     )
     revision: str = Field(
-        default="main", min_length=1, max_length=256, description="Branch, tag or commit to download."
+        default="main",
+        min_length=1,
+        max_length=256,
+        description="Branch, tag or commit to download; pin a commit for groups spanning several nodes "
+        "(each node downloads on its own).",
     )
     token_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the Hugging Face token (HF_TOKEN) for gated repos."
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Hugging Face-compatible endpoint (HF_ENDPOINT), e.g. a mirror; default huggingface.co.",
+    )
+    cache: Literal["Node", "Pod"] = Field(
+        default="Node",
+        description="Node: one download per node into nodeCachePath (hostPath), shared by every pod there "
+        "under a file lock; Pod: a per-pod emptyDir (each pod downloads; for namespaces whose Pod Security "
+        "level forbids hostPath).",
+    )
+    node_cache_path: str = Field(
+        default="/var/cache/ling/huggingface",
+        min_length=2,
+        max_length=1024,
+        pattern=r"^/.+",
+        description="Node directory of the Node cache (created when missing); checkpoints land in "
+        "<path>/<org>--<name>/<revision>.",
     )
 
 
@@ -375,16 +429,40 @@ class ModelSource(ApiModel):
 
 
 class RopeScaling(ApiModel):
-    """YaRN RoPE scaling, passed to the engine as a config override (the seed recipe uses factor 2)."""
+    """YaRN RoPE scaling, passed to the engine as the card's --json-model-override-args rope_scaling."""
 
-    type: Literal["yarn"] = Field(default="yarn", description="Scaling method; only yarn is supported.")
-    factor: float = Field(gt=1, le=64, description="Context extension factor (> 1).")
+    type: Literal["yarn"] = Field(default="yarn", description="Scaling method (rope_type); only yarn.")
+    factor: float = Field(gt=1, le=64, description="Context extension factor (> 1); the card uses 2.0.")
+    rope_theta: float = Field(
+        default=6000000,
+        gt=0,
+        le=1e12,
+        description="RoPE base frequency (rope_theta); Ling-2.6-flash's is 6000000, as in the card.",
+    )
+    partial_rotary_factor: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of each head's dimensions that are rotated (partial_rotary_factor); 0.5 as in "
+        "the card.",
+    )
     original_max_position_embeddings: int = Field(
         default=131072,
         ge=1,
         le=16777216,
         description="Context length the model was trained with before scaling.",
     )
+
+    def override(self) -> dict[str, Any]:
+        """The card's rope_scaling object, keys in the card's order (rope_theta an integer when whole)."""
+        theta: float | int = int(self.rope_theta) if float(self.rope_theta).is_integer() else self.rope_theta
+        return {
+            "rope_type": self.type,
+            "factor": float(self.factor),
+            "rope_theta": theta,
+            "partial_rotary_factor": float(self.partial_rotary_factor),
+            "original_max_position_embeddings": int(self.original_max_position_embeddings),
+        }
 
 
 class ModelSpec(ApiModel):
@@ -398,7 +476,11 @@ class ModelSpec(ApiModel):
         description="Served model name (--served-model-name): what clients put in the OpenAI `model` field.",
     )
     source: ModelSource = Field(description="Where the checkpoint comes from (exactly one source).")
-    dtype: Dtype = Field(default="bf16", description="Weight dtype of the checkpoint: bf16 or fp8.")
+    dtype: Dtype = Field(
+        default="bf16",
+        description="Weight dtype: bf16 (the checkpoint's) or fp8 (block-scaled FP8 weights: --quantization fp8, "
+        "an FP8 checkpoint as is, a bf16 one quantized on load).",
+    )
     context_length: int | None = Field(
         default=None, ge=1, le=16777216, description="Maximum context length (--context-length)."
     )
@@ -696,29 +778,34 @@ class FailurePolicySpec(ApiModel):
 
 
 class RuntimeSpec(ApiModel):
-    """Engine tuning the seed recipes use (SGLang flag names)."""
+    """Engine tuning the seed recipes use (SGLang flag names; docs/engines.md maps each to every engine)."""
 
     max_running_requests: int | None = Field(
-        default=None, ge=1, le=100000, description="Concurrent requests per group (--max-running-requests)."
+        default=None,
+        ge=1,
+        le=100000,
+        description="Concurrent requests per group (--max-running-requests; vLLM --max-num-seqs).",
     )
     mem_fraction_static: float | None = Field(
         default=None,
         gt=0,
         lt=1,
-        description="Fraction of GPU memory for weights and caches (--mem-fraction-static).",
+        description="Fraction of device memory for weights and caches (--mem-fraction-static; vLLM "
+        "--gpu-memory-utilization); the native engine sizes its KV cache from it.",
     )
     tool_call_parser: str = Field(
         default="qwen25",
         min_length=1,
         max_length=64,
         pattern=r"^[a-z0-9_]+$",
-        description="Tool-call parser (--tool-call-parser); the seed recipe uses qwen25.",
+        description="Tool-call parser (--tool-call-parser); the seed recipe uses qwen25 (vLLM: hermes, the "
+        "same <tool_call> format, with --enable-auto-tool-choice). The native engine has qwen25 only.",
     )
     max_mamba_cache_size: int | None = Field(
         default=None,
         ge=1,
         le=100000,
-        description="Linear-attention state slots per group (--max-mamba-cache-size).",
+        description="Linear-attention state slots per group (--max-mamba-cache-size); native and sglang.",
     )
     startup_timeout_seconds: int = Field(
         default=1800,
@@ -726,13 +813,110 @@ class RuntimeSpec(ApiModel):
         le=86400,
         description="Time a group may take to load weights and pass readiness before it counts as failed.",
     )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the API key clients must send (Authorization: Bearer); reaches the "
+        "engine as an environment variable (LING_API_KEY; vLLM VLLM_API_KEY), never on a command line. "
+        "native and vllm.",
+    )
+    drain_timeout_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="On pod deletion, seconds running requests may take to finish (native --drain-timeout); "
+        "terminationGracePeriodSeconds is this + 15.",
+    )
+    watchdog_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="A step taking longer fails the group (--watchdog-timeout; engine default 300). native "
+        "and sglang.",
+    )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000000,
+        description="Waiting requests per group beyond which new ones get 503 (--max-queued-requests). "
+        "native and sglang.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# spec.placement
+
+# A label key (optional DNS prefix + name), or "" to switch the rule off.
+LABEL_KEY_PATTERN = r"^(([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, Field(max_length=316, pattern=LABEL_KEY_PATTERN)]
+ZONE_LABEL = "topology.kubernetes.io/zone"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+# NVIDIA GPU feature discovery labels the NVLink domain of multi-node NVLink systems (GB200 NVL72) with
+# the clique; on HGX servers the NVLink domain is the node itself.
+NVLINK_CLIQUE_LABEL = "nvidia.com/gpu.clique"
+
+
+class GangSpec(ApiModel):
+    """All-or-nothing admission of a group's pods through Kueue pod groups (docs/engines.md says why)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Label every pod as a Kueue pod group of its group (pod-group-name <name>-<group>, "
+        "total count = pods per group, not retriable alone), so Kueue admits a group's pods together or "
+        "none of them.",
+    )
+    queue_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Kueue LocalQueue of the pods (label kueue.x-k8s.io/queue-name); required when enabled.",
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!self.enabled || has(self.queueName)",
+            message="spec.placement.gang.queueName is required when spec.placement.gang.enabled is true "
+            "(the Kueue LocalQueue)",
+            check=lambda g: not g.enabled or g.queue_name is not None,
+            field_path=".queueName",
+        ),
+    )
+
+
+class PlacementSpec(ApiModel):
+    """Where groups land: a group's pods together in one topology domain, groups apart."""
+
+    group_topology_key: LabelKey = Field(
+        default="",
+        description="Required: every pod of a multi-pod group lands in one domain of this node label "
+        "(required pod affinity), e.g. an NVLink-domain, rack or zone label. Default '' (none): a required "
+        "key that some nodes lack would leave groups unschedulable there, so only preferences apply.",
+    )
+    preferred_group_topology_keys: list[LabelKey] = Field(
+        default_factory=lambda: [NVLINK_CLIQUE_LABEL, HOSTNAME_LABEL, ZONE_LABEL],
+        max_length=8,
+        description="Preferred, in order of weight: a multi-pod group's pods share a domain of these labels "
+        "whenever they can (NVLink domain, then the node, then the zone). Labels a node lacks are ignored.",
+    )
+    group_spread_topology_key: LabelKey = Field(
+        default=HOSTNAME_LABEL,
+        description="Preferred: pods of different groups avoid sharing a domain of this label, so one node "
+        "(or rack, zone) failing takes down as few groups as possible; '' for no spreading.",
+    )
+    topology_spread_constraints: list[K8sObject] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Passed through to every pod (core/v1 TopologySpreadConstraint); a constraint without "
+        "labelSelector counts this deployment's pods.",
+    )
+    gang: GangSpec = Field(
+        default_factory=GangSpec, description="Gang admission of each group (Kueue pod groups)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # spec.template: pass-through pod settings. Kubernetes-typed fields keep their shape (preserved unknown
-# fields) rather than copying the whole core/v1 schema into the CRD.
-
-K8sObject = dict[str, Any]
+# fields, K8sObject) rather than copying the whole core/v1 schema into the CRD.
 
 
 class ResourceRequirements(ApiModel):
@@ -856,6 +1040,10 @@ class LingDeploymentSpec(ApiModel):
         default_factory=FailurePolicySpec, description="Group restart on rank failure, with backoff."
     )
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="Engine tuning.")
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec,
+        description="Placement of groups: a group's pods in one topology domain, groups apart, gang admission.",
+    )
     template: PodTemplateSpec = Field(
         default_factory=PodTemplateSpec, description="Pod settings passed through to every pod."
     )
@@ -891,6 +1079,60 @@ class LingDeploymentSpec(ApiModel):
             message="spec.model.source.builtin requires spec.engine.type native",
             check=lambda s: s.model.source.builtin is None or s.engine.type == "native",
             field_path=".model.source.builtin",
+        ),
+        # Fields an engine cannot honour are refused here, at kubectl apply, instead of being dropped from
+        # the command line or making the engine exit at start (a crash loop of whole-group restarts).
+        CelRule(
+            rule="self.engine.type != 'native' || !self.speculative.enabled || self.speculative.topK == 1",
+            message="spec.speculative.topK must be 1 for the native engine (its linear-attention state rolls "
+            "back along one draft chain; SGLang's EAGLE trees need topK > 1)",
+            check=lambda s: (
+                s.engine.type != "native" or not s.speculative.enabled or s.speculative.top_k == 1
+            ),
+            field_path=".speculative.topK",
+        ),
+        CelRule(
+            rule="self.engine.type != 'native' || self.runtime.toolCallParser == 'qwen25'",
+            message="spec.runtime.toolCallParser must be qwen25 for the native engine (its only parser, the "
+            "format of Ling-2.6-flash)",
+            check=lambda s: s.engine.type != "native" or s.runtime.tool_call_parser == "qwen25",
+            field_path=".runtime.toolCallParser",
+        ),
+        CelRule(
+            rule="self.engine.type != 'vllm' || !self.speculative.enabled",
+            message="spec.speculative.enabled must be false for the vllm engine: vLLM has no MTP for "
+            "Ling-2.6-flash (use engine native or sglang for MTP)",
+            check=lambda s: s.engine.type != "vllm" or not s.speculative.enabled,
+            field_path=".speculative.enabled",
+        ),
+        CelRule(
+            rule="self.engine.type != 'vllm' || !has(self.runtime.maxMambaCacheSize)",
+            message="spec.runtime.maxMambaCacheSize is not supported by the vllm engine (vLLM has no such "
+            "setting: its linear-attention states follow spec.runtime.maxRunningRequests)",
+            check=lambda s: s.engine.type != "vllm" or s.runtime.max_mamba_cache_size is None,
+            field_path=".runtime.maxMambaCacheSize",
+        ),
+        CelRule(
+            rule="self.engine.type != 'vllm' || !has(self.runtime.watchdogTimeoutSeconds)",
+            message="spec.runtime.watchdogTimeoutSeconds is not supported by the vllm engine (vLLM has no "
+            "step watchdog flag); native and sglang have --watchdog-timeout",
+            check=lambda s: s.engine.type != "vllm" or s.runtime.watchdog_timeout_seconds is None,
+            field_path=".runtime.watchdogTimeoutSeconds",
+        ),
+        CelRule(
+            rule="self.engine.type != 'vllm' || !has(self.runtime.maxQueuedRequests)",
+            message="spec.runtime.maxQueuedRequests is not supported by the vllm engine (vLLM has no queue "
+            "bound); native and sglang have --max-queued-requests",
+            check=lambda s: s.engine.type != "vllm" or s.runtime.max_queued_requests is None,
+            field_path=".runtime.maxQueuedRequests",
+        ),
+        CelRule(
+            rule="self.engine.type != 'sglang' || !has(self.runtime.apiKeySecretRef)",
+            message="spec.runtime.apiKeySecretRef is not supported by the sglang engine: SGLang takes its key "
+            "only as --api-key on the command line, which every process listing shows (native and vllm read "
+            "it from the environment)",
+            check=lambda s: s.engine.type != "sglang" or s.runtime.api_key_secret_ref is None,
+            field_path=".runtime.apiKeySecretRef",
         ),
     )
 
@@ -953,6 +1195,11 @@ class GroupStatus(ApiModel):
     )
     ready_since: Timestamp | None = Field(
         default=None, description="When the group last became Ready (absent while it is not)."
+    )
+    mtp_acceptance_rate: float | None = Field(
+        default=None,
+        description="MTP: fraction of draft tokens rank 0 accepted since it started (accepted / drafted, "
+        "from its /metrics, read with the autoscaler's engine scrape); absent while MTP is off or unread.",
     )
 
 
@@ -1035,6 +1282,11 @@ class LingDeploymentStatus(ApiModel):
     queue_depth: int | None = Field(default=None, description="Total waiting requests last observed.")
     pods_per_group: int | None = Field(
         default=None, description="Pods per group (spec tensor / gpusPerPod), for the printer column."
+    )
+    mtp_acceptance_rate: float | None = Field(
+        default=None,
+        description="MTP acceptance over the groups whose rank 0 was read (mean of "
+        "groups[].mtpAcceptanceRate), for the printer column.",
     )
     conditions: list[Condition] = Field(default_factory=list, description="Conditions (one per type).")
     groups: list[GroupStatus] = Field(default_factory=list, description="Per-group detail.")

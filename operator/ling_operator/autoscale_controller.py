@@ -76,6 +76,7 @@ __all__ = [
     "autoscale_tick",
     "is_due",
     "make_source",
+    "mtp_acceptance",
     "source_config_error",
 ]
 
@@ -277,7 +278,33 @@ def _conditions(decision: Decision, reading: SourceReading, source: MetricSource
     return [active, limited]
 
 
-def _disabled(status: LingDeploymentStatus, generation: int, now: datetime) -> AutoscaleResult:
+def mtp_acceptance(
+    spec: LingDeploymentSpec, status: LingDeploymentStatus, reading: SourceReading | None
+) -> dict[str, Any]:
+    """The status fields of MTP acceptance after a reading (None: no scrape happened): each group's rank-0
+    rate to two decimals, and their mean for the printer column. A group not serving loses its value; a
+    serving group whose scrape failed keeps the last one; MTP off clears them all."""
+    rates = reading.mtp_acceptance if reading is not None and spec.speculative.enabled else {}
+    ready = {g.index: g.ready for g in reading.groups} if reading is not None else {}
+    groups = []
+    for entry in status.groups:
+        if entry.index in rates:
+            rate: float | None = round(rates[entry.index], 2)
+        elif spec.speculative.enabled and ready.get(entry.index, False):
+            rate = entry.mtp_acceptance_rate
+        else:
+            rate = None
+        if rate != entry.mtp_acceptance_rate:
+            entry = entry.model_copy(update={"mtp_acceptance_rate": rate})
+        groups.append(entry)
+    known = [g.mtp_acceptance_rate for g in groups if g.mtp_acceptance_rate is not None]
+    mean = round(sum(known) / len(known), 2) if known else None
+    return {"groups": groups, "mtp_acceptance_rate": mean}
+
+
+def _disabled(
+    spec: LingDeploymentSpec, status: LingDeploymentStatus, generation: int, now: datetime
+) -> AutoscaleResult:
     disabled = conditions.condition(
         ConditionType.SCALING_ACTIVE,
         "False",
@@ -285,7 +312,9 @@ def _disabled(status: LingDeploymentStatus, generation: int, now: datetime) -> A
         "spec.autoscaling.enabled is false: spec.replicas is left to the user, HPA or KEDA",
     )
     merged = conditions.merge(status.conditions, [disabled], generation, now)
-    return AutoscaleResult(replicas=None, status=status.model_copy(update={"conditions": merged}))
+    # No scrape without the autoscaler: no acceptance to show (and none left over from earlier).
+    update = {"conditions": merged, **mtp_acceptance(spec, status, None)}
+    return AutoscaleResult(replicas=None, status=status.model_copy(update=update))
 
 
 def source_config_error(
@@ -313,7 +342,7 @@ def autoscale_tick(
         raise ValueError("now must be timezone-aware (UTC)")
     autoscaling = spec.autoscaling
     if not autoscaling.enabled:
-        return _disabled(status, generation, now)
+        return _disabled(spec, status, generation, now)
     if source is None:
         raise ValueError("autoscaling is enabled: a metric source is required")
     previous = status.autoscaler or AutoscalerStatus()
@@ -337,7 +366,8 @@ def autoscale_tick(
     update: dict[str, Any] = {
         "conditions": conditions.merge(
             status.conditions, _conditions(decision, reading, source), generation, now
-        )
+        ),
+        **mtp_acceptance(spec, status, reading),
     }
     autoscaler = _autoscaler_status(previous, decision, reading, spec.replicas, now)
     # Steady state causes no writes: an observation that changes nothing a person or the policy needs

@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,6 +34,7 @@ __all__ = [
     "SourceReading",
     "authorization_header",
     "parse_engine_metrics",
+    "parse_mtp_acceptance",
     "parse_prometheus_response",
 ]
 
@@ -50,6 +51,14 @@ RUNNING_METRICS: dict[str, str] = {
     "sglang": "sglang:num_running_reqs",
     "vllm": "vllm:num_requests_running",
 }
+
+# MTP acceptance per engine: (accepted, drafted) counters, or one gauge of the rate (SGLang's, over its
+# last logged batch). docs/observability.md maps the same names onto ling:spec_accept_rate.
+MTP_COUNTERS: dict[str, tuple[str, str]] = {
+    "native": ("ling_runtime_spec_accepted_tokens_total", "ling_runtime_spec_draft_tokens_total"),
+    "vllm": ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_draft_tokens_total"),
+}
+MTP_RATE_GAUGES: dict[str, str] = {"sglang": "sglang:spec_accept_rate"}
 
 Fetch = Callable[[str, float, dict[str, str]], bytes]
 
@@ -77,6 +86,8 @@ class SourceReading:
     total_waiting: float | None
     total_running: float | None
     error: str | None = None
+    # group index -> rank 0's MTP acceptance (accepted / drafted tokens), where its /metrics had one.
+    mtp_acceptance: dict[int, float] = field(default_factory=dict)
 
 
 class MetricSource(Protocol):
@@ -136,6 +147,22 @@ def parse_engine_metrics(text: str, engine: str = "native") -> tuple[float, floa
     )
 
 
+def parse_mtp_acceptance(text: str, engine: str = "native") -> float | None:
+    """Rank 0's MTP acceptance from its exposition: accepted / drafted tokens since it started, or
+    SGLang's rate gauge; None when nothing was drafted yet (or MTP is off, or the text is malformed)."""
+    try:
+        if engine in MTP_RATE_GAUGES:
+            rate = _sum_samples(text, MTP_RATE_GAUGES[engine])
+            return None if rate is None or math.isnan(rate) else min(max(rate, 0.0), 1.0)
+        accepted_name, drafted_name = MTP_COUNTERS.get(engine, MTP_COUNTERS["native"])
+        drafted = _sum_samples(text, drafted_name)
+        if not drafted:
+            return None
+        return min((_sum_samples(text, accepted_name) or 0.0) / drafted, 1.0)
+    except ValueError:
+        return None
+
+
 @dataclass
 class EngineSource:
     """Scrape every ready group's rank-0 /metrics; not-ready groups are not scraped (they serve nothing)."""
@@ -147,28 +174,33 @@ class EngineSource:
     kind: str = "engine"
     sees_demand_at_zero: bool = False
 
-    def _scrape(self, group: ObservedGroup) -> GroupObservation:
+    def _scrape(self, group: ObservedGroup) -> tuple[GroupObservation, float | None]:
+        """The group's queue, and its MTP acceptance from the same scrape."""
         if not group.rank0_ip:
-            return GroupObservation(group.index, ready=True, error="rank-0 pod has no IP")
+            return GroupObservation(group.index, ready=True, error="rank-0 pod has no IP"), None
         host = f"[{group.rank0_ip}]" if ":" in group.rank0_ip else group.rank0_ip
         url = f"http://{host}:{self.port}/metrics"
         try:
             text = self.fetch(url, self.timeout_seconds, {"Accept": "text/plain"}).decode("utf-8", "replace")
             waiting, running = parse_engine_metrics(text, self.engine)
         except SourceError as exc:
-            return GroupObservation(group.index, ready=True, error=str(exc))
-        return GroupObservation(group.index, ready=True, waiting=waiting, running=running)
+            return GroupObservation(group.index, ready=True, error=str(exc)), None
+        observation = GroupObservation(group.index, ready=True, waiting=waiting, running=running)
+        return observation, parse_mtp_acceptance(text, self.engine)
 
     def read(self, groups: Sequence[ObservedGroup]) -> SourceReading:
         ready = [g for g in groups if g.ready]
         observed: dict[int, GroupObservation] = {
             g.index: GroupObservation(g.index, ready=False) for g in groups if not g.ready
         }
+        acceptance: dict[int, float] = {}
         if ready:
             # Groups are scraped in parallel so one slow pod costs one timeout, not one per group.
             with ThreadPoolExecutor(max_workers=min(8, len(ready))) as pool:
-                for obs in pool.map(self._scrape, ready):
+                for obs, rate in pool.map(self._scrape, ready):
                     observed[obs.index] = obs
+                    if rate is not None:
+                        acceptance[obs.index] = rate
         ordered = tuple(observed[i] for i in sorted(observed))
         readable = [g for g in ordered if g.ready and g.waiting is not None]
         if ready and not readable:
@@ -177,7 +209,7 @@ class EngineSource:
         waiting = sum(g.waiting or 0.0 for g in readable)
         running_values = [g.running for g in readable if g.running is not None]
         running = sum(running_values) if running_values else (0.0 if not ready else None)
-        return SourceReading(ordered, waiting, running)
+        return SourceReading(ordered, waiting, running, mtp_acceptance=acceptance)
 
 
 def authorization_header(secret_value: str) -> str:

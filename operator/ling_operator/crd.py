@@ -49,6 +49,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     },
     {"name": "MTP", "type": "boolean", "jsonPath": ".spec.speculative.enabled", "description": "MTP on."},
     {
+        "name": "MTP-Accept",
+        "type": "number",
+        "jsonPath": ".status.mtpAcceptanceRate",
+        "description": "MTP draft tokens accepted / drafted (rank 0 of each group, averaged).",
+    },
+    {
         "name": "Queue",
         "type": "integer",
         "jsonPath": ".status.queueDepth",
@@ -163,7 +169,10 @@ def _default(field: FieldInfo) -> Any:
             # The whole defaulted object, not {}: the API server validates a default against the CEL
             # rules without filling in the nested defaults first, so {} would fail every rule.
             return _drop_empty(value.model_dump(mode="json", by_alias=True, exclude_none=True))
-        # Empty lists and maps stay absent rather than cluttering every `kubectl get -o yaml`.
+        # Empty lists and maps stay absent rather than cluttering every `kubectl get -o yaml`; a list
+        # with a default value (placement's preferred topology keys) is shown like any other default.
+        if isinstance(value, list) and value:
+            return value
         return PydanticUndefined
     if field.default is PydanticUndefined or field.default is None:
         return PydanticUndefined

@@ -7,6 +7,7 @@ group" by reconcile.py and rolled.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -40,15 +41,78 @@ PROMETHEUS_ANNOTATIONS = {
     "prometheus.io/path": "/metrics",
 }
 
-# The downloader is a constant program; the repo, revision and target arrive as argv, never spliced
-# into code. snapshot_download skips files already present, so a shared volume downloads only once.
-HF_DOWNLOAD_SCRIPT = (
-    "import sys\n"
-    "from huggingface_hub import snapshot_download\n"
-    "print(f'downloading {sys.argv[1]}@{sys.argv[2]} into {sys.argv[3]}', flush=True)\n"
-    "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])\n"
-    "print('download complete', flush=True)\n"
-)
+# The downloader is a constant program: the repo, revision and target arrive as argv, never spliced into
+# code. A file lock beside the target makes the pods of one node take turns: the first downloads, the
+# others wait, then find every file in place (snapshot_download only checks them) - one download per
+# node with the Node cache. Progress goes to the log every LING_DOWNLOAD_PROGRESS_SECONDS (10 s).
+HF_DOWNLOAD_SCRIPT = """\
+import fcntl, os, sys, threading, time
+from huggingface_hub import HfApi, snapshot_download
+
+repo, revision, target = sys.argv[1:4]
+interval = float(os.environ.get("LING_DOWNLOAD_PROGRESS_SECONDS") or 10)
+
+
+def log(message):
+    print(f"model-download: {message}", flush=True)
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def on_disk():
+    size = 0
+    for root, _, files in os.walk(target):
+        for name in files:
+            try:
+                size += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass  # renamed from .incomplete meanwhile
+    return size
+
+
+def expected():
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        return sum(f.size or 0 for f in info.siblings or []) or None
+    except Exception as exc:
+        log(f"total size unknown ({type(exc).__name__}: {exc}); progress in bytes only")
+        return None
+
+
+os.makedirs(target, exist_ok=True)
+with open(target.rstrip("/") + ".lock", "a") as lock:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another pod on this node is downloading {repo}@{revision} into {target}; waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log("the other pod's download ended; checking the files")
+    total = expected()
+    start, done, before = time.monotonic(), threading.Event(), on_disk()
+
+    def progress():
+        while not done.wait(interval):
+            have = on_disk()
+            rate = (have - before) / (time.monotonic() - start) / 2**20
+            share = f" of {gib(total)} ({100 * have / total:.1f}%)" if total else ""
+            log(f"{gib(have)}{share} on disk, {rate:.1f} MiB/s")
+
+    log(f"downloading {repo}@{revision} into {target}" + (f" ({gib(total)})" if total else ""))
+    threading.Thread(target=progress, daemon=True).start()
+    snapshot_download(repo_id=repo, revision=revision, local_dir=target)
+    done.set()
+    log(f"complete: {gib(on_disk())} in {target} after {time.monotonic() - start:.0f} s")
+"""
+# Kueue's pod-group labels and annotations (kubernetes-sigs/kueue, pkg/controller/jobs/pod).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE_ANNOTATION = "kueue.x-k8s.io/retriable-in-group"
+# Weights of the preferred group-affinity terms, in the order of placement.preferredGroupTopologyKeys.
+PREFERRED_WEIGHTS = (100, 50, 25, 12, 6, 3, 2, 1)
+SPREAD_WEIGHT = 50
 
 
 @dataclass(frozen=True)
@@ -68,7 +132,7 @@ def validated_spec(raw_spec: Mapping[str, Any]) -> api.LingDeploymentSpec:
     return api.LingDeploymentSpec.model_validate(raw_spec)
 
 
-POD_SHAPING = {"model", "engine", "parallelism", "speculative", "runtime", "template"}
+POD_SHAPING = {"model", "engine", "parallelism", "speculative", "runtime", "placement", "template"}
 
 
 def pod_shaping(spec: api.LingDeploymentSpec, default_image: str) -> dict[str, Any]:
@@ -153,23 +217,37 @@ def _model_volume(spec: api.LingDeploymentSpec) -> dict[str, Any] | None:
         }
     if source.host_path is not None:
         return {"name": MODEL_VOLUME, "hostPath": {"path": source.host_path.path, "type": "Directory"}}
-    if source.hugging_face is not None:
+    hf = source.hugging_face
+    if hf is not None:
+        if hf.cache == "Node":
+            # One directory per node, shared by every pod there (the download takes turns on a lock).
+            return {
+                "name": MODEL_VOLUME,
+                "hostPath": {"path": hf.node_cache_path, "type": "DirectoryOrCreate"},
+            }
         return {"name": MODEL_VOLUME, "emptyDir": {}}
     return None
 
 
 def _download_container(hf: api.HuggingFaceSource, image: str, pull_policy: str | None) -> dict[str, Any]:
-    env: list[dict[str, Any]] = [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        # The script logs its own progress lines; tqdm's carriage-return bars make unreadable pod logs.
+        {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},
+    ]
+    if hf.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": hf.endpoint})
     token = hf.token_secret_ref
     if token is not None:
         # By reference only: the operator never reads the Secret itself.
         env.append(
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}
         )
+    target = rendezvous.hf_checkpoint_dir(hf.repo, hf.revision)
     container: dict[str, Any] = {
         "name": DOWNLOAD_CONTAINER_NAME,
         "image": image,
-        "command": ["python3", "-c", HF_DOWNLOAD_SCRIPT, hf.repo, hf.revision, rendezvous.HF_DOWNLOAD_DIR],
+        "command": ["python3", "-c", HF_DOWNLOAD_SCRIPT, hf.repo, hf.revision, target],
         "env": env,
         "volumeMounts": [{"name": MODEL_VOLUME, "mountPath": rendezvous.MODEL_MOUNT_PATH}],
     }
@@ -198,13 +276,8 @@ def _volumes(spec: api.LingDeploymentSpec) -> tuple[list[dict[str, Any]], list[d
         # A template volume named "model" (e.g. a shared RWX cache) replaces the per-pod one.
         if not any(v.get("name") == MODEL_VOLUME for v in user_volumes):
             volumes.append(model_volume)
-        mounts.append(
-            {
-                "name": MODEL_VOLUME,
-                "mountPath": rendezvous.MODEL_MOUNT_PATH,
-                "readOnly": spec.model.source.hugging_face is None,
-            }
-        )
+        # The engine only reads the weights (the init container writes them).
+        mounts.append({"name": MODEL_VOLUME, "mountPath": rendezvous.MODEL_MOUNT_PATH, "readOnly": True})
     return volumes + user_volumes, mounts + list(spec.template.volume_mounts)
 
 
@@ -217,6 +290,7 @@ def _engine_container(
     mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
     ours = rendezvous.rank_env(owner.name, owner.namespace, group, rank, spec.pods_per_group)
+    ours += rendezvous.engine_env(spec)
     our_names = {item["name"] for item in ours}
     # The contract's variables win over pass-through env of the same name.
     env = [item for item in spec.template.env if item.get("name") not in our_names] + ours
@@ -251,10 +325,57 @@ def _engine_container(
     return container
 
 
+def _affinity(owner: Owner, spec: api.LingDeploymentSpec, group: int) -> dict[str, Any] | None:
+    """template.affinity plus the placement rules: a multi-pod group's pods together (required in
+    groupTopologyKey, preferred in preferredGroupTopologyKeys), other groups' pods apart (preferred)."""
+    placement = spec.placement
+    affinity: dict[str, Any] = copy.deepcopy(spec.template.affinity) if spec.template.affinity else {}
+    same_group = {"matchLabels": {LABEL_DEPLOYMENT: owner.name, LABEL_GROUP: str(group)}}
+    if spec.pods_per_group > 1:
+        pod_affinity = affinity.setdefault("podAffinity", {})
+        if placement.group_topology_key:
+            pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(
+                {"labelSelector": same_group, "topologyKey": placement.group_topology_key}
+            )
+        for weight, key in zip(PREFERRED_WEIGHTS, placement.preferred_group_topology_keys, strict=False):
+            if key:
+                pod_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
+                    {"weight": weight, "podAffinityTerm": {"labelSelector": same_group, "topologyKey": key}}
+                )
+        if not pod_affinity:
+            del affinity["podAffinity"]
+    if placement.group_spread_topology_key:
+        other_groups = {
+            "matchLabels": {LABEL_DEPLOYMENT: owner.name},
+            "matchExpressions": [{"key": LABEL_GROUP, "operator": "NotIn", "values": [str(group)]}],
+        }
+        term = {"labelSelector": other_groups, "topologyKey": placement.group_spread_topology_key}
+        affinity.setdefault("podAntiAffinity", {}).setdefault(
+            "preferredDuringSchedulingIgnoredDuringExecution", []
+        ).append({"weight": SPREAD_WEIGHT, "podAffinityTerm": term})
+    return affinity or None
+
+
+def _topology_spread(owner: Owner, spec: api.LingDeploymentSpec) -> list[dict[str, Any]]:
+    out = []
+    for item in spec.placement.topology_spread_constraints:
+        constraint = copy.deepcopy(item)
+        # Without a selector a constraint counts no pods at all: count this deployment's.
+        constraint.setdefault("labelSelector", {"matchLabels": {LABEL_DEPLOYMENT: owner.name}})
+        out.append(constraint)
+    return out
+
+
+def termination_grace_seconds(spec: api.LingDeploymentSpec) -> int:
+    """The kubelet's SIGKILL comes this long after SIGTERM: the drain plus the margin to exit after it."""
+    return spec.runtime.drain_timeout_seconds + rendezvous.TERMINATION_MARGIN_SECONDS
+
+
 def _pod_spec(
     owner: Owner,
     spec: api.LingDeploymentSpec,
     name: str,
+    group: int,
     container: dict[str, Any],
     volumes: list[dict[str, Any]],
 ) -> dict[str, Any]:
@@ -266,7 +387,7 @@ def _pod_spec(
         # ends the pod (phase Failed) and the operator restarts the whole group.
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "containers": [container],
         "volumes": volumes,
     }
@@ -277,7 +398,8 @@ def _pod_spec(
         ]
     passed = {
         "nodeSelector": template.node_selector,
-        "affinity": template.affinity,
+        "affinity": _affinity(owner, spec, group),
+        "topologySpreadConstraints": _topology_spread(owner, spec),
         "priorityClassName": template.priority_class_name,
         "schedulerName": template.scheduler_name,
         "serviceAccountName": template.service_account_name,
@@ -286,6 +408,22 @@ def _pod_spec(
     }
     pod_spec.update({key: value for key, value in passed.items() if value})
     return pod_spec
+
+
+def gang_metadata(
+    owner: Owner, spec: api.LingDeploymentSpec, group: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) making a group one Kueue pod group: admitted whole or not at all, and
+    finished as a whole when one pod fails (the operator then restarts the group)."""
+    gang = spec.placement.gang
+    if not gang.enabled or gang.queue_name is None:
+        return {}, {}
+    labels = {KUEUE_QUEUE_LABEL: gang.queue_name, KUEUE_GROUP_LABEL: f"{owner.name}-{group}"}
+    annotations = {
+        KUEUE_TOTAL_COUNT_ANNOTATION: str(spec.pods_per_group),
+        KUEUE_RETRIABLE_ANNOTATION: "false",
+    }
+    return labels, annotations
 
 
 def build_pod(
@@ -302,8 +440,13 @@ def build_pod(
     name = rendezvous.pod_name(owner.name, group, rank)
     volumes, mounts = _volumes(spec)
     container = _engine_container(owner, spec, group, rank, spec.engine.image or default_image, mounts)
-    labels = {**spec.template.labels, **pod_labels(owner.name, group, rank, revision_of(spec, default_image))}
-    annotations = dict(spec.template.annotations)
+    gang_labels, gang_annotations = gang_metadata(owner, spec, group)
+    labels = {
+        **spec.template.labels,
+        **gang_labels,
+        **pod_labels(owner.name, group, rank, revision_of(spec, default_image)),
+    }
+    annotations = {**spec.template.annotations, **gang_annotations}
     if rank == 0:
         annotations.update(PROMETHEUS_ANNOTATIONS)
     return {
@@ -316,7 +459,7 @@ def build_pod(
             "annotations": annotations,
             "ownerReferences": [owner_reference(owner)],
         },
-        "spec": _pod_spec(owner, spec, name, container, volumes),
+        "spec": _pod_spec(owner, spec, name, group, container, volumes),
     }
 
 

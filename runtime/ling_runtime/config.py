@@ -117,6 +117,11 @@ class LingConfig:
         else:
             raise ConfigError(f"config: expected a dict or a path, got {type(source).__name__}")
         data = merge_overrides(data, overrides)
+        rope = data.get("rope_scaling")
+        if isinstance(rope, dict):
+            # The card's override (and Hugging Face's newer rope_parameters layout) puts rope_theta and
+            # partial_rotary_factor inside rope_scaling: there they win over the top-level keys.
+            data = {**data, **{k: rope[k] for k in ("rope_theta", "partial_rotary_factor") if k in rope}}
         model_type = data.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: {model_type!r} is not served; accepted: {list(MODEL_TYPES)}")

@@ -137,6 +137,8 @@ def test_printer_columns_scale_and_status(crd_installed: Any, namespace: str) ->
         desired_replicas=1,
         pods_per_group=2,
         queue_depth=7,
+        mtp_acceptance_rate=0.73,
+        groups=[api.GroupStatus(index=0, phase="Ready", mtp_acceptance_rate=0.73)],
         selector="serving.ling.dev/deployment=cols,serving.ling.dev/rank=0",
         conditions=[
             api.Condition(type=api.ConditionType.READY, status="True", reason=api.Reason.ALL_GROUPS_READY)
@@ -155,11 +157,12 @@ def test_printer_columns_scale_and_status(crd_installed: Any, namespace: str) ->
         "TP",
         "PODS/GROUP",
         "MTP",
+        "MTP-ACCEPT",
         "QUEUE",
         "ENGINE",
         "AGE",
     ]
-    assert table[1].split()[:8] == ["cols", "1", "1", "2", "2", "true", "7", "native"]
+    assert table[1].split()[:9] == ["cols", "1", "1", "2", "2", "true", "0.73", "7", "native"]
     kube.kubectl("scale", "lingd", "cols", "-n", namespace, "--replicas=2")
     scale = json.loads(kube.kubectl("get", "--raw", f"/apis/{api.API_VERSION}/namespaces/{namespace}/"
                                     f"{api.PLURAL}/cols/scale").stdout)  # fmt: skip

@@ -172,3 +172,82 @@ def test_external_engines_refuse_the_builtin_model(engine: str) -> None:
     spec.model.source = ModelSource(builtin=BuiltinSource())
     with pytest.raises(ValueError, match=r"spec\.model\.source"):
         rendezvous.engine_command(spec, 0)
+
+
+FULL_RUNTIME = {
+    "maxRunningRequests": 48,
+    "memFractionStatic": 0.8,
+    "maxMambaCacheSize": 96,
+    "watchdogTimeoutSeconds": 600,
+    "maxQueuedRequests": 512,
+    "drainTimeoutSeconds": 60,
+}
+FULL_MODEL = {"contextLength": 65536, "ropeScaling": {"factor": 2.0}, "dtype": "fp8", "name": "ling"}
+
+
+@pytest.mark.parametrize(
+    ("engine", "expected", "refused"),
+    [
+        (
+            {"type": "native"},
+            {
+                "--served-model-name": "ling",
+                "--max-running-requests": "48",
+                "--mem-fraction-static": "0.8",
+                "--max-mamba-cache-size": "96",
+                "--watchdog-timeout": "600",
+                "--max-queued-requests": "512",
+                "--drain-timeout": "60",
+                "--context-length": "65536",
+                "--dtype": "bf16",
+                "--quantization": "fp8",
+                "--tool-call-parser": "qwen25",
+            },
+            set(),
+        ),
+        (
+            {"type": "sglang", "image": "lmsysorg/sglang:v0.5.10.post1"},
+            {
+                "--served-model-name": "ling",
+                "--max-running-requests": "48",
+                "--mem-fraction-static": "0.8",
+                "--max-mamba-cache-size": "96",
+                "--watchdog-timeout": "600",
+                "--max-queued-requests": "512",
+                "--context-length": "65536",
+                "--quantization": "fp8",
+                "--tool-call-parser": "qwen25",
+            },
+            set(),
+        ),
+        (
+            {"type": "vllm", "image": "vllm/vllm-openai:v0.21.0"},
+            {
+                "--max-num-seqs": "48",
+                "--gpu-memory-utilization": "0.8",
+                "--max-model-len": "65536",
+                "--quantization": "fp8",
+                "--tool-call-parser": "hermes",
+            },
+            {"maxMambaCacheSize", "watchdogTimeoutSeconds", "maxQueuedRequests"},
+        ),
+    ],
+    ids=["native", "sglang", "vllm"],
+)
+def test_every_runtime_field_reaches_each_engine_or_is_refused(
+    engine: dict[str, str], expected: dict[str, str], refused: set[str]
+) -> None:
+    """Each CR field becomes the engine's own flag; a field the engine has no flag for is refused by the
+    schema (naming it), never dropped."""
+    runtime = {k: v for k, v in FULL_RUNTIME.items() if k not in refused}
+    spec = base_spec(
+        engine=engine, model=FULL_MODEL, runtime=runtime, parallelism={"tensor": 4, "gpusPerPod": 4}
+    )
+    args = rendezvous.engine_command(spec, 0)
+    for name, value in expected.items():
+        assert flag(args, name) == value, name
+    override = "--hf-overrides" if engine["type"] == "vllm" else "--json-model-override-args"
+    assert json.loads(flag(args, override))["rope_scaling"]["rope_theta"] == 6000000
+    for field in refused:
+        with pytest.raises(ValueError, match=rf"spec\.runtime\.{field} is not supported by the vllm engine"):
+            base_spec(engine=engine, runtime={field: FULL_RUNTIME[field]})

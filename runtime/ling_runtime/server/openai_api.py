@@ -167,8 +167,14 @@ def text_completion(ctx: ServerContext, raw: bytes) -> Completion:
     return Completion(request, bool(body.stream), renderer)
 
 
+# The `model` the card's client sends. SGLang serves any name it is asked for (the field only picks a
+# LoRA adapter there); vLLM answers 404 for a name it does not serve. We answer the served name, "auto"
+# and an absent field, and keep the 404 for any other name: a typo must not reach the wrong model.
+MODEL_ALIASES = ("auto",)
+
+
 def check_model(ctx: ServerContext, model: str | None) -> None:
-    if model and model != ctx.model_name:
+    if model and model != ctx.model_name and model not in MODEL_ALIASES:
         raise APIError(
             404,
             f"The model `{model}` does not exist; served: `{ctx.model_name}`",
