@@ -608,7 +608,7 @@ def decode_row(
     graphs = runner.graphs
     if graphs is not None:
         graphs.replay(toks, pos, slots, pages, b)  # set the static inputs once
-        g = graphs._graphs[b].graph
+        g = graphs.graph_of(b, pages_per)
         if g is not None:
             t_step = time_calls(lambda i: g.replay(), iters=iters, reps=5, graph=False)
         else:  # eager bodies (CPU smoke run)

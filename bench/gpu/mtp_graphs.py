@@ -31,7 +31,7 @@ from common import CUDA, DEV, environment, write_results
 from ling_runtime.config import LingConfig
 from ling_runtime.model import LingForCausalLM
 from ling_runtime.runner.model_runner import ModelRunner
-from ling_runtime.runner.plan import SeqWork, StepPlan
+from ling_runtime.runner.plan import GREEDY, SeqWork, StepPlan
 from ling_runtime.runner.spec_graphs import SpecGraphs
 from ling_runtime.tiny import init_random_weights, tiny_config
 from runtime_graphs import FLASH_DIMS, PAGE, fill_random
@@ -70,15 +70,20 @@ def generate(
             SeqWork(
                 slot=b, pages=tables[b], start=len(seqs[b]) - 1, tokens=(seqs[b][-1],), commit=commit[b],
                 num_drafts=k, mtp_start=mtp_start[b], mtp_next_tokens=mtp_next[b] if k else (),
-                logits=k + 1, temperature=0.0,
+                logits=k + 1, sampling=GREEDY,
             )
             for b in range(n)
         )  # fmt: skip
         res = runner.execute(StepPlan(works))
         for b, r in enumerate(res.seqs):
             position = len(seqs[b]) - 1
-            if r.tokens is not None:
-                emitted = r.tokens[: (r.num_accepted or 0) + 1]
+            if r.tokens is not None:  # sampled on the device; an eager verify leaves the count to us
+                took = r.num_accepted
+                if took is None:
+                    took = 0
+                    while took < len(r.drafts) and r.tokens[took] == r.drafts[took]:
+                        took += 1
+                emitted = r.tokens[: took + 1]
             else:  # the eager path: host greedy acceptance over the returned logits
                 targets = r.logits.argmax(-1).tolist()
                 emitted = []
@@ -213,7 +218,7 @@ def real_part(layers: int, batches: list[int], ks: list[int], ctx: int, iters: i
             toks = [(17 * s) % 1000 + 5 for s in slots]
             pos = [ctx] * b
             runner.graphs.replay(toks, pos, slots, pages, b)
-            decode_graph = runner.graphs._graphs[b].graph
+            decode_graph = runner.graphs.graph_of(b, pages_per)
             assert decode_graph is not None
             row: dict = {"batch": b, "t_decode_ms": wall(decode_graph.replay, iters) * 1e3}
             for k in ks:

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from ling_runtime.settings import (
+    DEVICES,
     DTYPES,
     LIGHTNING_CHUNK,
     LOAD_FORMATS,
@@ -118,21 +119,56 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         choices=("fp8",),
         help="fp8: block-scaled FP8 weights (128x128), quantized on load from a bf16 checkpoint",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",  # resolved by validate: cuda when torch sees a GPU, else cpu
+        help="auto (default): cuda when a GPU is visible, else cpu",
+    )
     p.add_argument("--context-length", **count("--context-length"))
     p.add_argument("--json-model-override-args", type=_json_object)
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for SGLang compatibility; no effect: the runtime implements the architecture "
+        "itself and never runs code from the checkpoint",
+    )
     # SGLang's name: decode steps replay CUDA graphs on --device cuda unless this is given.
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument(
+        "--cuda-graph-max-bs",
+        **count("--cuda-graph-max-bs"),
+        help="largest decode batch captured in a CUDA graph (default: --max-running-requests)",
+    )
+    p.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="resolve each step before scheduling the next (default: the host prepares step n+1 "
+        "while the device runs step n)",
+    )
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS)
     p.add_argument("--speculative-algorithm", choices=SPEC_ALGORITHMS)
     for dest, flag in _SPECULATIVE_NUMBERS.items():
         p.add_argument(flag, dest=dest, **count(flag))
-    p.add_argument("--mem-fraction-static", type=float)
-    p.add_argument("--max-running-requests", **count("--max-running-requests"))
+    p.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        help="fraction of the device's memory for weights and caches (SGLang's meaning); sizes the KV "
+        "cache when --max-total-tokens is left out. cpu: of the memory the process may use (cgroup "
+        "limit or RAM). Capped at --max-running-requests full contexts",
+    )
+    p.add_argument(
+        "--max-running-requests",
+        **count("--max-running-requests"),
+        help="running-set bound (default: 64 on cpu, 128 on cuda)",
+    )
     p.add_argument("--max-mamba-cache-size", **count("--max-mamba-cache-size"))
     p.add_argument("--max-total-tokens", **count("--max-total-tokens"))
-    p.add_argument("--chunked-prefill-size", **count("--chunked-prefill-size"))
+    p.add_argument(
+        "--chunked-prefill-size",
+        **count("--chunked-prefill-size"),
+        help="prefill tokens per step (default: 256 on cpu, 8192 on cuda)",
+    )
     p.add_argument("--page-size", **count("--page-size"))
     p.add_argument(
         "--mamba-scheduler-strategy",
@@ -238,7 +274,18 @@ def validate(ns: argparse.Namespace) -> Settings:
             f"(the Lightning chunk) and of --page-size {s.page_size}"
         )
     api_key = _api_key(s)
-    return dataclasses.replace(s, launcher=launcher, api_key=api_key, **_speculative(s, given))
+    speculative = _speculative(s, given)
+    device = _auto_device() if s.device == "auto" else s.device
+    return dataclasses.replace(s, launcher=launcher, api_key=api_key, device=device, **speculative)
+
+
+def _auto_device() -> str:
+    """--device auto: cuda when torch sees a GPU, else cpu."""
+    # Imported here, after every other check: a bad flag still fails before anything heavy loads, and
+    # the server imports torch right after this anyway.
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _api_key(s: Settings) -> str | None:

@@ -18,6 +18,8 @@ DEFAULT_PORT = 30000
 DEFAULT_DIST_PORT = 2345
 DEFAULT_RAY_PORT = 6379
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "half", "float32", "float")
+# "auto" (the CLI's default) becomes cuda or cpu when serving starts (server/launch.py).
+DEVICES = ("auto", "cpu", "cuda")
 TOOL_CALL_PARSERS = ("qwen25",)
 SPEC_ALGORITHMS = ("NEXTN",)
 MAMBA_SCHEDULER_STRATEGIES = ("auto", "no_buffer", "extra_buffer")
@@ -29,6 +31,23 @@ LIGHTNING_CHUNK = 64
 # The default KV budget when --max-total-tokens is left out: the context, and at least this much.
 MIN_DEFAULT_TOTAL_TOKENS = 32768
 MIN_DEFAULT_SNAPSHOTS = 32  # prefix-cache snapshot buffers when --max-mamba-snapshots is left out
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """Engine sizes that depend on the device when their flags are left out (as SGLang's do)."""
+
+    max_running_requests: int
+    chunked_prefill_size: int
+
+
+# cpu: small steps keep streams responsive on a few cores. cuda: SGLang's values for H100/H200-class
+# memory (8192-token prefill chunks: a 1K-8K prompt is one chunk, TTFT as the in-process prefill),
+# and a running set (and graph buckets) that covers 128 concurrent streams.
+DEVICE_DEFAULTS = {
+    "cpu": DeviceDefaults(max_running_requests=64, chunked_prefill_size=256),
+    "cuda": DeviceDefaults(max_running_requests=128, chunked_prefill_size=8192),
+}
 
 
 class SettingsError(ValueError):
@@ -59,13 +78,15 @@ class Settings:
     ray_address: str | None = None
     ray_temp_dir: str | None = None
     rendezvous_timeout: float = 300.0
-    device: str = "cpu"
+    device: str = "cpu"  # the CLI default "auto" is resolved by cli.validate (and launch, for direct use)
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # largest captured decode batch; None: the running limit
+    disable_overlap_schedule: bool = False  # resolve each step before the next is scheduled
     # ---- engine sizes --------------------------------------------------------------------------
-    max_running_requests: int = 64
+    max_running_requests: int | None = None  # None: the device's default (DEVICE_DEFAULTS)
     max_mamba_cache_size: int | None = None  # linear-state slots; None: max_running_requests
     max_total_tokens: int | None = None  # KV tokens; None: max(context, MIN_DEFAULT_TOTAL_TOKENS)
-    chunked_prefill_size: int = 256
+    chunked_prefill_size: int | None = None  # None: the device's default (DEVICE_DEFAULTS)
     page_size: int = 16
     mem_fraction_static: float | None = None
     mamba_scheduler_strategy: str = "auto"
@@ -118,6 +139,8 @@ class Settings:
             model_dir=model_dir,
             dtype=dtype,
             context_length=self.context_length or config.max_position_embeddings,
+            max_running_requests=self.running_limit,
+            chunked_prefill_size=self.prefill_chunk,
         )
 
     @property
@@ -130,9 +153,28 @@ class Settings:
         return self.speculative_num_steps if self.speculative else 0
 
     @property
+    def device_defaults(self) -> DeviceDefaults:
+        return DEVICE_DEFAULTS["cuda" if self.device == "cuda" else "cpu"]
+
+    @property
+    def running_limit(self) -> int:
+        """--max-running-requests, or the device's default."""
+        return self.max_running_requests or self.device_defaults.max_running_requests
+
+    @property
+    def prefill_chunk(self) -> int:
+        """--chunked-prefill-size, or the device's default."""
+        return self.chunked_prefill_size or self.device_defaults.chunked_prefill_size
+
+    @property
+    def graph_max_batch(self) -> int:
+        """The largest captured decode batch: --cuda-graph-max-bs, or the running set's bound."""
+        return min(self.cuda_graph_max_bs or self.running_limit, self.running_limit, self.num_slots)
+
+    @property
     def num_slots(self) -> int:
         """Linear-attention state slots (--max-mamba-cache-size, default: the running-set bound)."""
-        return self.max_mamba_cache_size or self.max_running_requests
+        return self.max_mamba_cache_size or self.running_limit
 
     @property
     def prefix_cache(self) -> bool:

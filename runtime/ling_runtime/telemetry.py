@@ -63,6 +63,15 @@ class RuntimeMetrics:
             "Tokens emitted per verify step (accepted drafts + 1)",
             (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0),
         )
+        # The step loop's time (engine/engine.py): all of it while it steps, and the part that is
+        # host work of its own (scheduling, plans, results), i.e. not in the executor's calls.
+        self.engine_steps = counter("engine_steps_total", "Model steps the engine loop launched")
+        self.engine_loop_seconds = counter(
+            "engine_loop_seconds_total", "Seconds the engine loop spent stepping"
+        )
+        self.engine_host_seconds = counter(
+            "engine_host_seconds_total", "Seconds of the engine loop's own host work (outside executor calls)"
+        )
         self.requests_total = Counter(
             p + "requests_total", "Finished requests", ["model_name", "finish_reason"], registry=r
         )

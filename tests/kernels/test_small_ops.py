@@ -125,3 +125,24 @@ def test_sampling_greedy_and_gumbel(gen: torch.Generator) -> None:
     assert out[0] == logits[0].argmax() and out[1] == 7777
     greedy = sample(logits, torch.zeros(3), None, block=1024)
     assert torch.equal(greedy, logits.argmax(-1).to(torch.int32))
+
+
+def test_sampling_with_hashed_noise(gen: torch.Generator) -> None:
+    """Noise hashed in the kernel from (seed, position, token) == the torch reference's, bit for bit;
+    rows of a verify share their request's seed (seed_div); the draw depends on seed and position."""
+    logits = torch.randn(6, 5000, generator=gen)
+    temp = torch.tensor([0.0, 0.7, 1.3, 1.0, 2.0, 1.0])
+    seeds = torch.tensor([1, 2, -5, 2**40 + 3, 7, 7], dtype=torch.int64)
+    pos = torch.tensor([0, 10, 100, 2**33, 5, 6], dtype=torch.int64)
+    out = sample(logits, temp, None, block=1024, seeds=seeds, positions=pos)
+    assert torch.equal(out, sample_ref(logits, temp, None, seeds, pos))
+    assert out[0] == logits[0].argmax()
+    per_request = torch.tensor([3, 4], dtype=torch.int64)
+    verify = sample(logits, torch.ones(6), None, block=1024, seeds=per_request, positions=pos, seed_div=3)
+    assert torch.equal(verify, sample_ref(logits, torch.ones(6), None, per_request, pos, 3))
+    # A flat row: seed and position decide the draw, so they spread over the vocabulary.
+    flat = torch.zeros(64, 50)
+    draws = sample_ref(flat, torch.ones(64), None, torch.arange(64), torch.zeros(64, dtype=torch.int64))
+    assert len(set(draws.tolist())) > 25
+    again = sample_ref(flat, torch.ones(64), None, torch.arange(64), torch.zeros(64, dtype=torch.int64))
+    assert torch.equal(draws, again)

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from ling_runtime.distributed.executor import LocalExecutor
-from ling_runtime.engine.engine import Engine, device_temperature
+from ling_runtime.engine.engine import Engine, device_sampling
 from ling_runtime.engine.sampling import SamplingParams
 from ling_runtime.model import LingForCausalLM, greedy_generate
 from ling_runtime.runner.model_runner import ModelRunner
-from ling_runtime.runner.plan import SeqWork, StepPlan
+from ling_runtime.runner.plan import RowSampling, SeqWork, StepPlan
 from ling_runtime.runner.spec_graphs import SpecGraphs
 from ling_runtime.settings import Settings
 from ling_runtime.tiny import tiny_config, write_checkpoint
@@ -89,19 +89,20 @@ def test_graph_bodies_keep_greedy_output_lossless(vocab6_dir: Path, tokenizer, k
 
 
 def test_temperature_requests_are_sampled_and_accepted_on_the_device(vocab6_dir: Path, tokenizer) -> None:
-    """Unseeded temperature sampling takes the graph path (drafts accepted against device-sampled
-    target tokens); a seeded request in the same step sends the step to the eager path."""
+    """Temperature sampling takes the graph path (drafts accepted against device-sampled target
+    tokens); a top-p request in the same step sends the step to the eager path (the MTP graphs
+    sample plain temperature only)."""
     engine, runner = graph_engine(vocab6_dir, tokenizer, 2, graphs=True)
     plain = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
     try:
         events = generate_all(engine, PROMPTS, [plain] * len(PROMPTS))
         graphed = runner.spec_graph_steps
         assert graphed > 5 and all(len(output_ids(e)) == 16 for e in events)
-        # The seeded request is admitted first and outlives the plain one (40 tokens take at least
+        # The top-p request is admitted first and outlives the plain one (40 tokens take at least
         # 14 steps at 3 per step, 8 at most 8), so every later MTP step includes it.
-        seeded = SamplingParams(max_new_tokens=40, temperature=1.0, seed=1, ignore_eos=True)
+        filtered = SamplingParams(max_new_tokens=40, temperature=1.0, top_p=0.9, ignore_eos=True)
         short = SamplingParams(max_new_tokens=8, temperature=1.0, ignore_eos=True)
-        events = generate_all(engine, PROMPTS[:2], [seeded, short])
+        events = generate_all(engine, PROMPTS[:2], [filtered, short])
         assert [len(output_ids(e)) for e in events] == [40, 8]
     finally:
         engine.stop()
@@ -220,7 +221,8 @@ def test_draft_body_equals_the_eager_draft_chain(vocab6_dir: Path) -> None:
 
 def test_decode_body_samples_greedy_and_temperature_rows() -> None:
     """The decode body's in-graph sampling: greedy rows are the argmax of the same logits, a row
-    with temperature draws from the softmax (a near-uniform tiny row gives several distinct ids)."""
+    with temperature draws from the softmax (a near-uniform tiny row gives several distinct ids;
+    the draw's noise is hashed from the seed and the position, so the position varies)."""
     from ling_runtime.config import LingConfig
     from ling_runtime.runner.cuda_graphs import DecodeGraphs
     from ling_runtime.tiny import init_random_weights
@@ -232,20 +234,24 @@ def test_decode_body_samples_greedy_and_temperature_rows() -> None:
     graphs.capture()
     seen = set()
     for i in range(30):
-        _, logits, tokens = graphs.replay([1, 2], [3 + i % 5, 4], [0, 1], [[0], [1]], 2, [0.0, 50.0])
+        _, logits, tokens = graphs.replay([1, 2], [3 + i % 5, 4 + i % 12], [0, 1], [[0], [1]], 2, [0.0, 50.0])
         assert int(tokens[0]) == int(logits[0].argmax())
         seen.add(int(tokens[1]))
     assert len(seen) >= 3
 
 
-def test_device_temperature_only_for_plain_sampling() -> None:
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.0)) == 0.0
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7)) == 0.7
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_k=1)) == 0.0  # greedy
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, seed=3)) is None
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_p=0.9)) is None
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.7, top_k=5)) is None
-    assert device_temperature(SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=True)) is None
+def test_device_sampling_for_all_but_adjusted_logits() -> None:
+    def rows(**kw) -> RowSampling | None:
+        return device_sampling(SamplingParams(max_new_tokens=1, **kw), seed=77)
+
+    assert rows(temperature=0.0) == RowSampling(0.0)
+    assert rows(temperature=0.7) == RowSampling(0.7, seed=77)
+    assert rows(temperature=0.7, top_k=1) == RowSampling(0.0)  # greedy
+    assert rows(temperature=0.7, seed=3) == RowSampling(0.7, seed=3)
+    assert rows(temperature=0.7, top_p=0.9).filtered and rows(temperature=0.7, top_k=5).filtered
+    assert rows(temperature=0.0, logprobs=True, top_logprobs=2) == RowSampling(0.0, logprobs=2)
+    # Logits adjusted per request are sampled on the host.
+    assert rows(temperature=0.7, presence_penalty=0.5) is None and rows(min_p=0.1) is None
 
 
 def test_spec_graphs_refuse_a_cache_without_room_for_the_drafts(vocab6_dir: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch.distributed as dist
 
-from ling_runtime.runner.model_runner import ModelRunner
+from ling_runtime.runner.model_runner import ModelRunner, PendingStep
 from ling_runtime.runner.plan import StepPlan, StepResult
 
 log = logging.getLogger("ling_runtime.distributed")
@@ -40,6 +40,8 @@ class Executor(Protocol):
     worker_pids: list[int]  # processes of ranks 1..T-1 (empty at TP 1)
 
     def execute(self, plan: StepPlan) -> StepResult: ...
+    # Queue the step on the device(s) and return without waiting for it (the overlap scheduler).
+    def launch(self, plan: StepPlan) -> PendingStep: ...
     def ranks_alive(self) -> tuple[int, int]: ...  # (alive, total)
     def diagnose(self) -> str: ...  # which ranks are down or behind; "" when none is known to be
     def shutdown(self, graceful: bool = True) -> None: ...  # graceful=False: kill, do not ask
@@ -54,6 +56,9 @@ class LocalExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        return self.runner.launch(plan)
 
     def ranks_alive(self) -> tuple[int, int]:
         return 1, 1
@@ -95,12 +100,15 @@ class GroupExecutor:
         self.steps_sent = 0  # plans broadcast (the workers' step counters catch up to it)
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch(plan).result()
+
+    def launch(self, plan: StepPlan) -> PendingStep:
         alive, total = self._liveness()
         if alive < total:
             raise RuntimeError(f"{total - alive} of {total} tensor-parallel ranks are down")
         self.steps_sent += 1
         dist.broadcast_object_list([plan], src=0, group=self.group)
-        return self.runner.execute(plan)
+        return self.runner.launch(plan)
 
     def ranks_alive(self) -> tuple[int, int]:
         return self._liveness()
@@ -140,14 +148,16 @@ def _ranks_text(ranks: list[int]) -> str:
 
 
 def worker_step_loop(runner: ModelRunner, group, on_step: Callable[[], None] | None = None) -> None:
-    """Ranks > 0: receive each plan from rank 0 and execute it, until told to stop. `on_step` is
-    called after each finished plan (the launcher's step counter for `diagnose`)."""
+    """Ranks > 0: receive each plan from rank 0 and launch it, until told to stop. Nothing here waits
+    for the device (these ranks return no results), so a rank queues step n+1 while its GPU still
+    runs step n, as rank 0 does. `on_step` is called after each plan (the launcher's step counter
+    for `diagnose`)."""
     while True:
         box: list[StepPlan | None] = [None]
         dist.broadcast_object_list(box, src=0, group=group)
         plan = box[0]
         if plan is None or plan.stop:
             return
-        runner.execute(plan)
+        runner.launch(plan)
         if on_step is not None:
             on_step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,5 +40,28 @@ class TokenEvent:
     spec_accepted: int = 0
 
 
-# Called on the engine thread for every event of a request; must not block.
+# Called on the engine's output thread (engine/output.py) for every event of a request; must not block.
 Emit = Callable[[TokenEvent], None]
+
+
+@dataclass(frozen=True, eq=False)
+class LoopEmit:
+    """An `Emit` into an asyncio queue of a running event loop (thread-safe). The output thread hands
+    a whole step's events for one loop to `deliver`: one wake-up of the loop per step."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def __call__(self, event: TokenEvent) -> None:
+        self.deliver([(self.queue, event)])
+
+    def deliver(self, items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+        # The loop is closed once the server has stopped: nobody waits for the events any more, and
+        # the output thread must not die of it.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)

@@ -141,7 +141,8 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------------
     def schedule(self) -> Step:
         admitted = self.admit()
-        decode = tuple(s for s in self.running if not s.prefilling)
+        # A sequence whose last token is in flight (the overlap scheduler) waits for it to resolve.
+        decode = tuple(s for s in self.running if not s.prefilling and not s.output_full)
         decode_snaps = tuple(self._decode_snapshots(s) for s in decode)
         chunks: list[PrefillChunk] = []
         budget = self.chunk_tokens

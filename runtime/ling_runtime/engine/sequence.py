@@ -54,6 +54,22 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building it (the step loop asks for every sequence every step)."""
+        return len(self.prompt_ids) + len(self.output)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output[-1].token_id if self.output else self.prompt_ids[-1]
+
+    def token_ids(self, lo: int, hi: int) -> list[int]:
+        """all_ids[lo:hi] without building all_ids."""
+        n = len(self.prompt_ids)
+        head = self.prompt_ids[lo:hi] if lo < n else []
+        tail = [t.token_id for t in self.output[max(lo - n, 0) : max(hi - n, 0)]]
+        return head + tail
+
+    @property
     def prefilling(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
 
@@ -61,6 +77,23 @@ class Sequence:
     def budget_tokens(self) -> int:
         """Tokens this sequence may ever hold in the cache (what admission reserves)."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def output_full(self) -> bool:
+        """Its last allowed token is out or in flight (the overlap scheduler): no more decode steps."""
+        return len(self.output) >= self.params.max_new_tokens
+
+    def finishes_at(self, index: int) -> str | None:
+        """The finish reason the output token at `index` triggers (by id, or by reaching max_tokens);
+        later entries may be placeholders of steps in flight (engine.py)."""
+        token_id = self.output[index].token_id
+        if token_id in self.params.stop_token_ids:
+            return "stop"
+        if not self.params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if index + 1 >= self.params.max_new_tokens:
+            return "length"
+        return None
 
     def token_finishes(self, token_id: int) -> str | None:
         """The finish reason this token triggers by id (stop strings are checked on text elsewhere)."""

@@ -60,8 +60,9 @@ Small ops (``norms``, ``sampling``, ``rms_norm``): ``add_rmsnorm(x, residual, w,
 residual)`` (residual updated in place), ``qk_norm_rope(qkv[B, 3HD], wq, wk, cos, sin, H, eps) ->
 (q, k, v)`` (per-head RMSNorm + NeoX RoPE on the first 2*cos.shape[1] dims), ``rope_cos_sin(pos,
 rot, theta)``, ``group_rmsnorm_gate(o, gate, w, group, eps)``, ``sample(logits, temperature,
-uniform=None) -> ids`` (greedy where temperature == 0, else Gumbel-max; no top-k/top-p
-filtering), ``rms_norm.rms_norm(x, w, eps)`` (one launch).
+uniform=None, *, seeds=None, positions=None) -> ids`` (greedy where temperature == 0, else
+Gumbel-max with given noise or noise hashed from (seed, position, token), ``noise.py``; no
+top-k/top-p filtering), ``rms_norm.rms_norm(x, w, eps)`` (one launch).
 
 FP8 (``fp8``): ``quantize_fp8_blockwise(w) -> (w_fp8, scale[N/128, K/128])`` and
 ``fp8_linear(x, w_fp8, scale, *, config=Fp8Config | None) -> y`` (e4m3, 128x128 block scales; N

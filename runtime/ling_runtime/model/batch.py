@@ -39,6 +39,10 @@ class ForwardBatch:
     keep_linear_states: bool = False
     graph_safe: bool = False
     snapshots: tuple[tuple[int, int, int], ...] = ()  # (row, n, snapshot id), see the module doc
+    # What `build` already has on the host / the device: the slots as a list and cu_seqlens on the
+    # device (so no step reads a device tensor back, and nothing is copied twice).
+    host_slots: list[int] | None = field(default=None, repr=False)
+    device_cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
     cu_seqlens: torch.Tensor = field(init=False)  # [B+1] int64
     # Host copies, so per-sequence loops never synchronise with the device.
     offsets: list[int] = field(init=False)  # cu_seqlens as a list
@@ -72,11 +76,15 @@ class ForwardBatch:
                 raise ValueError(
                     f"snapshots: (row {row}, n {n}, id {sid}) must name a row and a position inside it"
                 )
-        lens = torch.tensor([0, *self.seq_lens], dtype=torch.int64)
-        cu = torch.cumsum(lens, 0)
-        self.offsets = cu.tolist()
-        self.slots = self.state_slots.tolist()
-        self.cu_seqlens = cu.to(self.input_ids.device)
+        offsets = [0]
+        for n in self.seq_lens:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        self.slots = list(self.host_slots) if self.host_slots is not None else self.state_slots.tolist()
+        if self.device_cu_seqlens is not None:
+            self.cu_seqlens = self.device_cu_seqlens
+        else:
+            self.cu_seqlens = torch.tensor(offsets, dtype=torch.int64).to(self.input_ids.device)
 
     @property
     def is_decode(self) -> bool:
@@ -114,6 +122,7 @@ class ForwardBatch:
             prefix_lens=[self.prefix_lens[b] for b in rows],
             state_slots=self.state_slots[rows_t],
             block_tables=self.block_tables[rows_t.to(self.block_tables.device)],
+            host_slots=[self.slots[b] for b in rows],
         )
         self._subs[key] = (sub, idx)
         return sub, idx
@@ -138,6 +147,7 @@ class ForwardBatch:
             keep_linear_states=self.keep_linear_states,
             graph_safe=self.graph_safe,
             snapshots=self.snapshots,
+            host_slots=self.slots,
         )
 
     @classmethod
@@ -151,26 +161,48 @@ class ForwardBatch:
         device: torch.device | str | None = None,
         snapshots: Sequence[tuple[int, int, int]] = (),
     ) -> ForwardBatch:
-        """Build from per-sequence token lists; positions continue after each prefix."""
+        """Build from per-sequence token lists; positions continue after each prefix. Token ids,
+        positions, slots, cu_seqlens and the block tables go to the device in one copy."""
         seq_lens = [len(t) for t in tokens]
-        ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.int64, device=device)
-        pos = torch.tensor(
-            [p + i for p, n in zip(prefix_lens, seq_lens, strict=True) for i in range(n)],
-            dtype=torch.int64,
-            device=device,
-        )
-        if not isinstance(block_tables, torch.Tensor):
-            width = max((len(r) for r in block_tables), default=0)
-            block_tables = torch.tensor(
-                [list(r) + [0] * (width - len(r)) for r in block_tables], dtype=torch.int64
-            )
+        flat = [t for seq in tokens for t in seq]
+        pos = [p + i for p, n in zip(prefix_lens, seq_lens, strict=True) for i in range(n)]
+        slots = [int(s) for s in state_slots]
+        cu = [0]
+        for n in seq_lens:
+            cu.append(cu[-1] + n)
+        if isinstance(block_tables, torch.Tensor):
+            table_rows = None
+            width = int(block_tables.shape[1])
+        else:
+            table_rows = [list(r) for r in block_tables]
+            width = max((len(r) for r in table_rows), default=0)
+        total, b = len(flat), len(slots)
+        # Pinned on CUDA, so the one copy does not wait for the device (a pageable copy would).
+        cuda = device is not None and torch.device(device).type == "cuda"
+        host = torch.empty(2 * total + b + (b + 1) + b * width, dtype=torch.int64, pin_memory=cuda)
+        host[:total] = torch.tensor(flat, dtype=torch.int64)
+        host[total : 2 * total] = torch.tensor(pos, dtype=torch.int64)
+        at = 2 * total
+        host[at : at + b] = torch.tensor(slots, dtype=torch.int64)
+        host[at + b : at + 2 * b + 1] = torch.tensor(cu, dtype=torch.int64)
+        tab = host[at + 2 * b + 1 :].view(b, width)
+        if table_rows is None:
+            tab.copy_(block_tables)
+        else:
+            tab.zero_()
+            for i, r in enumerate(table_rows):
+                if r:
+                    tab[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        dev = host.to(device, non_blocking=cuda) if device is not None else host
         return cls(
-            input_ids=ids,
-            positions=pos,
+            input_ids=dev[:total],
+            positions=dev[total : 2 * total],
             seq_lens=seq_lens,
             prefix_lens=list(prefix_lens),
-            state_slots=torch.tensor(list(state_slots), dtype=torch.int64, device=device),
-            block_tables=block_tables.to(device=device, dtype=torch.int64),
+            state_slots=dev[at : at + b],
+            block_tables=dev[at + 2 * b + 1 :].view(b, width),
             keep_linear_states=keep_linear_states,
             snapshots=tuple(snapshots),
+            host_slots=slots,
+            device_cu_seqlens=dev[at + b : at + 2 * b + 1],
         )

@@ -75,7 +75,10 @@ class LingCache:
             raise ValueError("num_snapshots: the cache was built without snapshot buffers (need > 0)")
         return self.snapshot_state
 
-    def _index(self, ids: Sequence[int]) -> torch.Tensor:
+    def _index(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(ids, torch.Tensor):
+            # A pinned host tensor (the runner's): the copy does not wait for the device's queue.
+            return ids.to(self.linear_state.device, torch.int64, non_blocking=True)
         return torch.as_tensor(list(ids), dtype=torch.int64, device=self.linear_state.device)
 
     def save_snapshots(self, slots: Sequence[int], snapshots: Sequence[int]) -> None:

@@ -68,7 +68,8 @@ def build_runner(
     runner = ModelRunner(model, cache, device, return_logits=tp_rank == 0)
     if graphs:
         runner.enable_cuda_graphs(
-            max_batch=min(settings.max_running_requests, settings.num_slots),
+            # Buckets up to --cuda-graph-max-bs (default: the whole running set).
+            max_batch=settings.graph_max_batch,
             max_pages=-(-(settings.context_length + k + 1) // settings.page_size),
             scratch_page=settings.num_pages,
             num_drafts=k,

@@ -1,18 +1,27 @@
-"""CUDA graphs for decode steps: one capture per batch-size bucket, one replay per step.
+"""CUDA graphs for decode steps: one capture per (batch bucket, block-table width), one replay per step.
 
-A decode step (every sequence one token, no drafts, none new) is captured once per bucket of the
-batch sizes the scheduler produces (1, 2, 4, ..., max running requests) over static input buffers:
-token ids, positions, state slots and block tables. A step of ``n`` sequences copies its inputs
-into the first ``n`` rows of the smallest bucket ``>= n`` and pads the rest so that padding
-computes harmlessly: slot ``-1`` (the Lightning decode kernel skips it) and a block table pointing
-at a scratch page that no sequence owns (the MLA latent write of a padding row lands there).
-Everything inside the graph is the model's Triton path, which reads lengths from device tensors
-only (no host synchronisation inside a step). Prefill and oversize steps run eagerly; MTP draft and
-verify steps have their own graphs (runner/spec_graphs.py).
+A decode step (every sequence one token, no drafts, none new) is captured once per batch-size
+bucket the scheduler produces (1, 2, 4, ..., --cuda-graph-max-bs) and per block-table *width*
+bucket (`graph_widths`: 4K, 16K, 64K tokens, then the context), so the MLA decode's split count and
+table follow the batch's real context, not the configured maximum (a 131072-token context is 8193
+pages at page 16: 33 splits at every batch if the table always had that width).
 
-The replay samples too (``sample_on_device``: greedy, or temperature by Gumbel-max over uniform
-noise drawn on the device with the graph-safe default generator), so a step hands back token ids;
-the logits stay in a static buffer for callers that want them (host sampling, logprobs).
+Inputs go in one host-to-device copy (runner/inputs.py): token ids, positions, state slots and the
+per-row sampling parameters (temperature, seed, top-k, top-p, which rows filter or want logprobs),
+plus the few page-table cells that changed. Block tables are not sent per step: `SlotPages` keeps
+every state slot's pages on the device, updated from the plans, and the graph gathers the step's
+table by slot. A step of ``n`` sequences fills the first ``n`` rows of the smallest bucket ``>= n``;
+padding rows use slot ``-1`` (the Lightning decode kernel skips it; its page row is all scratch, so
+a padding row's MLA latent write lands on a page no sequence owns).
+
+A token id may be the engine's `FUTURE_TOKEN`: the graph takes that row's token from ``next_tokens``
+(by slot), where the previous step's sampling left it on the device. Every replay stores its own
+sampled tokens there, so the overlap scheduler can launch step n+1 before step n reaches the host.
+
+The replay samples too (runner/sampler.py: greedy, or temperature with noise hashed from the row's
+seed and position), so a step hands back token ids; top-k / top-p rows and logprobs are computed
+from the replay's logits right after it, on the device (``DecodeGraphs.finish``). Everything inside
+the graph is the model's Triton path, which reads lengths from device tensors only.
 
 ``eager=True`` runs the same bodies without capturing (any device): the CPU tests compare them with
 the runner's eager path, since a capture needs a GPU.
@@ -20,12 +29,18 @@ the runner's eager path, since a capture needs a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ling_runtime.model.batch import ForwardBatch
+from ling_runtime.runner.inputs import Layout, Segment, StepBuffers, to_device
+from ling_runtime.runner.plan import GREEDY, RowSampling
+from ling_runtime.runner.sampler import logprobs, sample_filtered, sample_plain
+
+# Block-table width buckets, in tokens (then the full context): the MLA decode's splits follow these.
+WIDTH_TOKENS = (4096, 16384, 65536)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -40,22 +55,11 @@ def graph_buckets(max_batch: int) -> list[int]:
     return out
 
 
-def sample_on_device(
-    model: torch.nn.Module, logits: torch.Tensor, temperature: torch.Tensor | None
-) -> torch.Tensor:
-    """Token ids [N] int64 from float32 logits [N, V]: greedy where ``temperature`` is 0 (or None:
-    all greedy, no noise drawn), else a draw from softmax(logits / T). No host read (graph-safe)."""
-    # Imported here: the kernels import Triton, which only graph-enabled runners need.
-    from ling_runtime.kernels.sampling import sample, sample_ref
-
-    kernels = getattr(model, "use_kernels", False)
-    if temperature is None:
-        if kernels:
-            zero = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-            return sample(logits, zero).long()
-        return torch.argmax(logits, dim=-1)
-    uniform = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
-    return (sample if kernels else sample_ref)(logits, temperature, uniform).long()
+def graph_widths(max_pages: int, page_size: int) -> list[int]:
+    """Block-table widths (pages) to capture: `WIDTH_TOKENS` where they are at most half the widest
+    table (a width close to the maximum saves little), then ``max_pages``."""
+    out = sorted({-(-t // page_size) for t in WIDTH_TOKENS if 2 * -(-t // page_size) <= max_pages})
+    return [*out, max_pages]
 
 
 def check_graphable(model: torch.nn.Module, device: torch.device, eager: bool) -> None:
@@ -68,27 +72,167 @@ def check_graphable(model: torch.nn.Module, device: torch.device, eager: bool) -
 
 
 def capture_graphs(
-    device: torch.device, keys: list[int], body: Callable[[int], object], eager: bool
-) -> dict[int, torch.cuda.CUDAGraph | None]:
-    """Capture ``body(key)`` once per key (largest first, one shared memory pool), after two eager
-    warm-up calls that compile the Triton kernels for the shape. ``eager``: capture nothing (None)."""
-    out: dict[int, torch.cuda.CUDAGraph | None] = {}
+    device: torch.device,
+    keys: list,
+    body: Callable[..., object],
+    eager: bool,
+    prepare: Callable[[object], None] | None = None,
+) -> dict[object, torch.cuda.CUDAGraph | None]:
+    """Capture ``body(key)`` (``body(*key)`` for tuple keys) once per key, largest first, one shared
+    memory pool, after two eager warm-up calls that compile the Triton kernels for the shape.
+    ``prepare(key)`` runs first, outside the capture (staging padding inputs: a copy inside a capture
+    would be recorded). ``eager``: capture nothing (None)."""
+
+    def call(key: object) -> object:
+        return body(*key) if isinstance(key, tuple) else body(key)
+
+    out: dict[object, torch.cuda.CUDAGraph | None] = {}
     if eager:
         return {key: None for key in keys}
     pool = torch.cuda.graph_pool_handle()
     for key in sorted(keys, reverse=True):
+        if prepare is not None:
+            prepare(key)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                body(key)
+                call(key)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            body(key)
+            call(key)
         out[key] = graph
     torch.cuda.synchronize(device)
     return out
+
+
+class SlotPages:
+    """Every state slot's MLA pages on the device, row ``slot`` (+1 row, all scratch, for padding slot
+    -1), in step with the plans: a slot's row is rewritten when a new sequence takes it and extended
+    as its sequence reaches new pages. Graphs gather a step's block table from it by slot, so a
+    step sends only the cells that changed. Columns past a sequence's pages hold stale or scratch
+    ids, which no kernel reads (lengths come from the positions)."""
+
+    def __init__(self, num_slots: int, max_pages: int, scratch_page: int, device: torch.device) -> None:
+        self.max_pages = max_pages
+        self.scratch_page = scratch_page
+        self.table = torch.full((num_slots + 1, max_pages), scratch_page, dtype=torch.int64, device=device)
+        self._host: dict[int, list[int]] = {}  # what each slot's row holds (its first pages)
+
+    def changes(self, slot: int, pages: Sequence[int], new_owner: bool) -> list[tuple[int, int, int]]:
+        """The (slot, column, page) cells to write so row ``slot`` starts with ``pages``; records them."""
+        if len(pages) > self.max_pages:
+            # Wider than any graph: such steps run eagerly; the row is rewritten when it fits again.
+            self._host.pop(slot, None)
+            return []
+        before = self._host.get(slot)
+        held = None if new_owner else before
+        if held is None or len(held) > len(pages) or list(pages[: len(held)]) != held:
+            self._host[slot] = list(pages)
+            cells = [(slot, i, p) for i, p in enumerate(pages)]
+            # Columns a previous owner used point at the scratch page again (nothing reads them,
+            # but no row should name another sequence's page).
+            stale = len(before) if before is not None else 0
+            return cells + [(slot, i, self.scratch_page) for i in range(len(pages), stale)]
+        out = [(slot, i, pages[i]) for i in range(len(held), len(pages))]
+        held.extend(pages[len(held) :])
+        return out
+
+    def write(self, cells: list[tuple[int, int, int]]) -> None:
+        """Apply cells now (eager steps and overflow: a few small copies)."""
+        if not cells:
+            return
+        dev = self.table.device
+        idx = to_device([s * self.table.shape[1] + i for s, i, _ in cells], torch.int64, dev)
+        self.table.view(-1)[idx] = to_device([p for _, _, p in cells], torch.int64, dev)
+
+    def host_row(self, slot: int) -> list[int]:
+        return self._host.get(slot, [])
+
+
+def decode_segments(b: int, updates: int) -> list[Segment]:
+    i64, f32 = torch.int64, torch.float32
+    return [
+        Segment("ids", i64, b),
+        Segment("pos", i64, b),
+        Segment("slots", i64, b),
+        Segment("seeds", i64, b),
+        Segment("top_k", i64, b),
+        Segment("rows_f", i64, b),  # rows with top-k / top-p, first n_f entries
+        Segment("rows_lp", i64, b),  # rows that want logprobs, first n_lp entries
+        Segment("upd_slot", i64, updates),  # page-table cells that changed (padding: slot -1)
+        Segment("upd_col", i64, updates),
+        Segment("upd_page", i64, updates),
+        Segment("temp", f32, b),
+        Segment("top_p", f32, b),
+    ]
+
+
+@dataclass
+class Staged:
+    """What the host staged for one replay: the rows and the post-replay work."""
+
+    n: int
+    bucket: int
+    width: int
+    filtered: int  # rows_f[:filtered]
+    logprob_rows: list[int]  # rows_lp[: len(...)]
+    top_logprobs: int
+
+
+def stage_rows(
+    h: dict,
+    tokens: Sequence[int],
+    positions: Sequence[int],
+    slots: Sequence[int],
+    sampling: Sequence[RowSampling | None],
+) -> tuple[int, list[int], int]:
+    """Fill a decode-like layout's per-row host views; returns (filtered rows, logprob rows, top n)."""
+    n, b = len(tokens), len(h["ids"])
+    pad = b - n
+    h["ids"][:n] = tokens
+    h["pos"][:n] = positions
+    h["slots"][:n] = slots
+    h["ids"][n:] = 0
+    h["pos"][n:] = 0
+    h["slots"][n:] = -1
+    rows = [s or GREEDY for s in sampling]
+    h["temp"][:n] = [r.temperature for r in rows]
+    h["seeds"][:n] = [r.seed for r in rows]
+    h["top_k"][:n] = [r.top_k for r in rows]
+    h["top_p"][:n] = [r.top_p for r in rows]
+    if pad:
+        h["temp"][n:] = 0.0
+        h["seeds"][n:] = 0
+        h["top_k"][n:] = -1
+        h["top_p"][n:] = 1.0
+    filtered = [i for i, r in enumerate(rows) if r.filtered]
+    h["rows_f"][: len(filtered)] = filtered
+    lp = [i for i, r in enumerate(rows) if r.logprobs >= 0]
+    h["rows_lp"][: len(lp)] = lp
+    return len(filtered), lp, max((rows[i].logprobs for i in lp), default=0)
+
+
+def stage_updates(h: dict, pages: SlotPages, cells: list[tuple[int, int, int]]) -> None:
+    """Put page-table cells into the layout's update segment; what does not fit is written now."""
+    room = len(h["upd_slot"])
+    now, rest = cells[:room], cells[room:]
+    pages.write(rest)
+    k = len(now)
+    if k:
+        h["upd_slot"][:k] = [c[0] for c in now]
+        h["upd_col"][:k] = [c[1] for c in now]
+        h["upd_page"][:k] = [c[2] for c in now]
+    h["upd_slot"][k:] = -1
+    h["upd_col"][k:] = 0
+    h["upd_page"][k:] = pages.scratch_page
+
+
+def apply_updates(pages: SlotPages, layout: Layout) -> None:
+    """(In a graph body.) Write the staged page-table cells."""
+    d = layout.dev
+    pages.table[d["upd_slot"], d["upd_col"]] = d["upd_page"]
 
 
 @dataclass
@@ -96,12 +240,14 @@ class _Captured:
     graph: torch.cuda.CUDAGraph | None  # None: eager mode (the body runs at each "replay")
     hidden: torch.Tensor  # [bucket, hidden] static output of the replay
     logits: torch.Tensor  # [bucket, vocab] float32
-    tokens: torch.Tensor  # [bucket] int64 sampled with the per-row temperature
+    tokens: torch.Tensor  # [bucket] int64 sampled with the per-row temperature and seed
 
 
 class DecodeGraphs:
     """Captured decode steps of ``model`` over ``cache``; ``scratch_page`` must be a cache page that
-    the engine never hands to a sequence, ``max_pages`` the widest block-table row a step may have."""
+    the engine never hands to a sequence, ``max_pages`` the widest block-table row a step may have.
+    ``slot_pages`` and ``next_tokens`` are the runner's (shared with the MTP graphs); left out, the
+    graphs keep their own."""
 
     def __init__(
         self,
@@ -113,6 +259,9 @@ class DecodeGraphs:
         scratch_page: int,
         buckets: list[int] | None = None,
         eager: bool = False,
+        slot_pages: SlotPages | None = None,
+        next_tokens: torch.Tensor | None = None,
+        widths: list[int] | None = None,
     ) -> None:
         check_graphable(model, device, eager)
         self.model = model
@@ -120,67 +269,157 @@ class DecodeGraphs:
         self.device = device
         self.buckets = sorted(buckets) if buckets else graph_buckets(max_batch)
         self.max_pages = max_pages
+        page_size = int(getattr(cache, "page_size", 16))
+        self.widths = sorted(widths) if widths else graph_widths(max_pages, page_size)
         self.scratch_page = scratch_page
+        num_slots = int(cache.linear_state.shape[1])  # type: ignore[attr-defined]
+        self.pages = slot_pages or SlotPages(num_slots, max_pages, scratch_page, device)
+        self.next_tokens = (
+            next_tokens
+            if next_tokens is not None
+            else torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+        )
         top = self.buckets[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.slots = torch.full((top,), -1, dtype=torch.int64, device=device)
-        self.tables = torch.full((top, max_pages), scratch_page, dtype=torch.int64, device=device)
-        self.temperature = torch.zeros(top, dtype=torch.float32, device=device)  # 0 = greedy
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)  # the resolved token ids
+        self.buffers = StepBuffers(device)
+        self.layouts = self.buffers.layouts({b: decode_segments(b, 2 * b) for b in self.buckets})
         self.eager = eager
-        self._graphs: dict[int, _Captured] = {}
-        self._batches: dict[int, ForwardBatch] = {}
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._batches: dict[tuple[int, int], ForwardBatch] = {}
 
-    def _batch(self, b: int) -> ForwardBatch:
-        """The static batch of bucket ``b``: views of the buffers; host lengths say 'one token after
-        a prefix' (prefix 1: not a new sequence, so no slot is zeroed inside the graph)."""
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        return [(b, w) for b in self.buckets for w in self.widths]
+
+    def _batch(self, b: int, w: int) -> ForwardBatch:
+        """The static batch of bucket ``(b, w)``: views of the buffers; host lengths say 'one token
+        after a prefix' (prefix 1: not a new sequence, so no slot is zeroed inside the graph). The
+        block table is a placeholder, gathered by slot in the body."""
+        d = self.layouts[b].dev
         return ForwardBatch(
             input_ids=self.input_ids[:b],
-            positions=self.positions[:b],
+            positions=d["pos"],
             seq_lens=[1] * b,
             prefix_lens=[1] * b,
-            state_slots=self.slots[:b],
-            block_tables=self.tables[:b],
+            state_slots=d["slots"],
+            block_tables=self.pages.table[:1, :w].expand(b, w),  # replaced in the body
             graph_safe=True,
+            host_slots=[-1] * b,
         )
 
-    def body(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The captured step of bucket ``b``: static buffers in, (hidden, logits, tokens) out."""
-        batch = self._batches[b]
+    def body(self, b: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured step of bucket ``(b, w)``: static buffers in, (hidden, logits, tokens) out."""
+        layout = self.layouts[b]
+        d = layout.dev
+        apply_updates(self.pages, layout)
+        slots = d["slots"]
+        # Tokens the previous step sampled on the device stand in for FUTURE_TOKEN.
+        self.input_ids[:b].copy_(torch.where(d["ids"] >= 0, d["ids"], self.next_tokens[slots]))
+        batch = self._batches[(b, w)]
+        batch.block_tables = self.pages.table[slots, :w]
         hidden = self.model(batch, self.cache)
         logits = self.model.compute_logits(hidden).float()
-        return hidden, logits, sample_on_device(self.model, logits, self.temperature[:b])
+        tokens = sample_plain(self.model, logits, d["temp"], d["seeds"], d["pos"])
+        self.next_tokens[slots] = tokens
+        return hidden, logits, tokens
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
-        # Padding everywhere while capturing: warm-up and capture only touch the scratch page.
-        self.slots.fill_(-1)
-        self.tables.fill_(self.scratch_page)
-        self.positions.zero_()
-        self.input_ids.zero_()
-        self.temperature.zero_()
-        for b in self.buckets:
-            self._batches[b] = self._batch(b)  # built outside the capture (__post_init__ reads the host)
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for b, w in self.keys:
+            self._batches[(b, w)] = self._batch(b, w)  # built outside the capture
+        outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-        def run(b: int) -> None:
-            outputs[b] = self.body(b)
+        def run(b: int, w: int) -> None:
+            outputs[(b, w)] = self.body(b, w)
 
-        graphs = capture_graphs(self.device, self.buckets, run, self.eager)
-        for b, graph in graphs.items():
+        graphs = capture_graphs(
+            self.device, self.keys, run, self.eager, lambda key: self.stage_padding(key[0])
+        )
+        for key, graph in graphs.items():
             if graph is None:  # eager: outputs come from each call; placeholders until then
-                outputs[b] = (torch.empty(0), torch.empty(0), torch.empty(0))
-            self._graphs[b] = _Captured(graph, *outputs[b])
+                outputs[key] = (torch.empty(0), torch.empty(0), torch.empty(0))
+            self._graphs[key] = _Captured(graph, *outputs[key])  # type: ignore[index]
+
+    def stage_padding(self, b: int) -> None:
+        """Padding in every row of bucket ``b`` (capture: warm-up and capture touch the scratch page
+        only; the layouts share one buffer, so each bucket is staged right before its capture)."""
+        h = self.layouts[b].host()
+        stage_rows(h, [], [], [], [])
+        stage_updates(h, self.pages, [])
+        self.layouts[b].upload()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def bucket_for(self, n: int, widest_table: int) -> int | None:
-        """The captured bucket for a decode step of ``n`` sequences, or None (run it eagerly)."""
-        if widest_table > self.max_pages:
+        """The captured batch bucket for a decode step of ``n`` sequences, or None (run it eagerly)."""
+        if self.width_for(widest_table) is None:
             return None
-        for b in self.buckets:
-            if b >= n and b in self._graphs:
-                return b
-        return None
+        return next((b for b in self.buckets if b >= n and (b, self.widths[-1]) in self._graphs), None)
+
+    def width_for(self, widest_table: int) -> int | None:
+        return next((w for w in self.widths if w >= widest_table), None)
+
+    def graph_of(self, bucket: int, widest_table: int) -> torch.cuda.CUDAGraph | None:
+        """The captured graph a step of this bucket and table width replays (benchmarks time it)."""
+        width = self.width_for(widest_table)
+        return self._graphs[(bucket, width)].graph if width is not None else None
+
+    def stage(
+        self,
+        bucket: int,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        cells: list[tuple[int, int, int]],
+        sampling: Sequence[RowSampling | None],
+        widest_table: int,
+    ) -> Staged:
+        """Fill and upload the inputs of one replay (one copy)."""
+        width = self.width_for(widest_table)
+        if width is None:
+            raise ValueError(f"block table of {widest_table} pages: wider than the graphs' {self.max_pages}")
+        layout = self.layouts[bucket]
+        h = layout.host()
+        n_f, lp, top = stage_rows(h, tokens, positions, slots, sampling)
+        stage_updates(h, self.pages, cells)
+        layout.upload()
+        return Staged(len(tokens), bucket, width, n_f, lp, top)
+
+    def launch(self, staged: Staged) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay a staged step: (hidden [n, H], logits [n, V], tokens [n]) views of the static
+        outputs, valid until the next replay."""
+        n = staged.n
+        captured = self._graphs[(staged.bucket, staged.width)]
+        if captured.graph is None:
+            captured.hidden, captured.logits, captured.tokens = self.body(staged.bucket, staged.width)
+        else:
+            captured.graph.replay()
+        return captured.hidden[:n], captured.logits[:n], captured.tokens[:n]
+
+    def finish(
+        self, staged: Staged, logits: torch.Tensor, tokens: torch.Tensor, with_logprobs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """After the replay, on the device: top-k / top-p rows re-drawn (and their next tokens), then
+        logprobs of the rows that asked (returned as (rows' chosen, top ids, top values); not on
+        ranks that return nothing, ``with_logprobs`` False)."""
+        d = self.layouts[staged.bucket].dev
+        if staged.filtered:
+            rows = d["rows_f"][: staged.filtered]
+            drawn = sample_filtered(
+                logits[rows],
+                d["temp"][rows],
+                d["top_k"][rows],
+                d["top_p"][rows],
+                d["seeds"][rows],
+                d["pos"][rows],
+            )
+            tokens[rows] = drawn
+            self.next_tokens[d["slots"][rows]] = drawn
+        if not staged.logprob_rows or not with_logprobs:
+            return None
+        rows = d["rows_lp"][: len(staged.logprob_rows)]
+        return logprobs(logits[rows], tokens[rows], staged.top_logprobs)
 
     def replay(
         self,
@@ -191,29 +430,14 @@ class DecodeGraphs:
         bucket: int,
         temperatures: list[float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decode step of ``len(tokens)`` sequences: (hidden [n, H], logits [n, V], sampled
-        tokens [n]) views of the static outputs, valid until the next replay. ``temperatures``
-        (default all 0 = greedy) selects each row's sampling."""
-        n, b = len(tokens), bucket
-        pad = b - n
-        self.input_ids[:b].copy_(torch.tensor(tokens + [0] * pad, dtype=torch.int64), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions + [0] * pad, dtype=torch.int64), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.int64), non_blocking=True)
-        self.tables[:b].copy_(padded_tables(pages, b, self.max_pages, self.scratch_page), non_blocking=True)
-        temps = list(temperatures) if temperatures is not None else [0.0] * n
-        self.temperature[:b].copy_(torch.tensor(temps + [0.0] * pad, dtype=torch.float32), non_blocking=True)
-        captured = self._graphs[b]
-        if captured.graph is None:
-            captured.hidden, captured.logits, captured.tokens = self.body(b)
-        else:
-            captured.graph.replay()
-        return captured.hidden[:n], captured.logits[:n], captured.tokens[:n]
-
-
-def padded_tables(pages: list[list[int]], rows: int, width: int, scratch_page: int) -> torch.Tensor:
-    """Host block tables [rows, width]: each sequence's pages, then the scratch page (padding rows
-    and the unused tail write there, never into a page some sequence owns)."""
-    table = torch.full((rows, width), scratch_page, dtype=torch.int64)
-    for i, row in enumerate(pages):
-        table[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-    return table
+        """One decode step of ``len(tokens)`` sequences (their page rows written where they differ
+        from what the slots hold): (hidden [n, H], logits [n, V], sampled tokens [n]), valid until
+        the next replay. ``temperatures`` (default all 0 = greedy) selects each row's sampling (seed
+        0)."""
+        cells = [c for s, row in zip(slots, pages, strict=True) for c in self.pages.changes(s, row, False)]
+        temps = temperatures or [0.0] * len(tokens)
+        sampling = [RowSampling(temperature=t) for t in temps]
+        staged = self.stage(bucket, tokens, positions, slots, cells, sampling, max(len(p) for p in pages))
+        hidden, logits, sampled = self.launch(staged)
+        self.finish(staged, logits, sampled)
+        return hidden, logits, sampled

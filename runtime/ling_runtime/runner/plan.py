@@ -8,6 +8,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A token id the engine does not know yet: the token this slot's previous step sampled on the device
+# (the overlap scheduler builds step n+1 before step n's tokens reach the host). Every rank resolves
+# it from its own copy, which is identical: ranks sample the same logits with the same noise.
+FUTURE_TOKEN = -1
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How the runner samples a sequence's tokens on the device (runner/sampler.py): greedy at
+    temperature 0, else a draw from softmax(logits / temperature) after top-k (<= 0: off) and top-p
+    filtering, with noise hashed from (seed, position). `logprobs` >= 0 also returns the chosen
+    token's log-probability and the top `logprobs` (-1: none)."""
+
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int = 0
+    logprobs: int = -1
+
+    @property
+    def filtered(self) -> bool:
+        return self.temperature > 0.0 and (self.top_k > 0 or self.top_p < 1.0)
+
+
+GREEDY = RowSampling()
+
 
 @dataclass(frozen=True)
 class SeqWork:
@@ -20,10 +46,16 @@ class SeqWork:
       the state after that many of them before anything else runs.
     - `mtp_start`, `mtp_next_tokens`: positions whose next token is now known; the MTP layer consumes
       (target hidden at i, embedding of token i+1) there before drafting (SGLang's "draft extend").
-    - `logits`: return target logits for the last `logits` positions (0: none).
-    - `temperature`: not None when the runner may sample this sequence on the device (0: greedy,
-      else plain temperature: no seed, top-k, top-p or logprobs) and hand back token ids instead of
-      logits; a graphed MTP verify then also accepts its drafts on the device.
+    - `tokens` may be `(FUTURE_TOKEN,)` for a one-token decode row: the token its slot's previous
+      step sampled on the device (that step's result has not reached the engine yet).
+    - `pages`: the sequence's MLA pages, as many as the positions this step reaches (not its whole
+      reservation): the block table, and the MLA splits, follow the batch's real context.
+    - `logits`: return target logits (or device-sampled tokens) for the last `logits` positions
+      (0: none).
+    - `sampling`: not None when the runner samples this sequence on the device (`RowSampling`) and
+      hands back token ids (and logprobs) instead of logits; a graphed MTP verify then also accepts
+      its drafts on the device. None: the engine samples the logits on the host (penalties, logit
+      bias, min-p, min_new_tokens, grammars).
     - Prefix cache: `restore` loads that Lightning-state snapshot into the slot before anything else
       (the sequence resumes at `start` from a cached prefix; its MLA pages are in `pages`);
       `snapshots` (n, id) save the state after the first n of `tokens` into snapshot buffer id;
@@ -41,7 +73,7 @@ class SeqWork:
     mtp_start: int = 0
     mtp_next_tokens: tuple[int, ...] = ()
     logits: int = 1
-    temperature: float | None = None
+    sampling: RowSampling | None = None
     restore: int | None = None
     snapshots: tuple[tuple[int, int], ...] = ()
     commit_snapshots: tuple[tuple[int, int], ...] = ()
@@ -53,15 +85,20 @@ class StepPlan:
     stop: bool = False  # ends the workers' step loops
 
 
+# One position's log-probabilities: (the chosen token's, ((token, logprob) of the top n, ...)).
+Logprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass
 class SeqResult:
     logits: object  # torch.Tensor [n, vocab] float32 on CPU (rank 0 only); None when not asked
     drafts: list[int] = field(default_factory=list)
-    # Sampled on the device (only when the work had a temperature and a graph served it): the
-    # target token at each returned position, and for a verify the drafts accepted (the engine
-    # emits tokens[: num_accepted + 1]); None: sample `logits` on the host.
+    # Sampled on the device (the work had `sampling`): the target token at each returned position,
+    # and for a graphed verify the drafts accepted (the engine emits tokens[: num_accepted + 1];
+    # None: the engine counts them); None: sample `logits` on the host.
     tokens: list[int] | None = None
     num_accepted: int | None = None
+    logprobs: list[Logprob] | None = None  # per returned position, when the sampling asked
 
 
 @dataclass

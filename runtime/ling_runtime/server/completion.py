@@ -14,7 +14,6 @@ server/errors.py turns them into HTTP answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ling_runtime.engine.engine import Engine
 from ling_runtime.engine.errors import InvalidRequest, PromptTooLong
-from ling_runtime.engine.request import Emit, EngineRequest, TokenEvent
+from ling_runtime.engine.request import Emit, EngineRequest, LoopEmit, TokenEvent
 from ling_runtime.engine.sampling import SamplingParams
 from ling_runtime.server.context import ServerContext
 from ling_runtime.server.errors import APIError, api_error, not_supported, same_name
@@ -93,15 +92,9 @@ def compile_grammar(ctx: ServerContext, spec: GrammarSpec, param: str) -> Compil
 
 
 def asyncio_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[TokenEvent | None]) -> Emit:
-    """An `emit` callback that hands events from the engine thread to an asyncio queue."""
-
-    def emit(event: TokenEvent) -> None:
-        # The loop is closed once the server has stopped: nobody waits for the event any more, and
-        # the engine thread must not die of it.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(q.put_nowait, event)
-
-    return emit
+    """An `emit` that hands events from the engine's output thread to an asyncio queue; the thread
+    delivers a whole step's events for this loop with one wake-up (`LoopEmit`)."""
+    return LoopEmit(loop, q)
 
 
 class EngineStream:

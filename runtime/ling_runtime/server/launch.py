@@ -17,6 +17,7 @@ Ending (rank 0), and the exit code that says how:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -33,6 +35,7 @@ from ling_runtime.builtin.dummy import dummy_model_dir
 from ling_runtime.distributed.executor import Executor
 from ling_runtime.distributed.mp_launcher import launch_mp
 from ling_runtime.engine.engine import Engine
+from ling_runtime.runner.memory import size_kv_cache
 from ling_runtime.server.app import build_app
 from ling_runtime.server.context import ServerContext
 from ling_runtime.server.health import health_response
@@ -74,9 +77,10 @@ def start_executor(settings: Settings) -> tuple[Executor, float]:
 
 def build_engine(settings: Settings) -> tuple[Engine, ServerContext]:
     """Everything but the HTTP server: model, group, engine (started), and the route context."""
+    settings = resolve_device(settings)
     model_dir = resolve_model_dir(settings)
     tokenizer = TokenizerBundle.from_dir(settings.tokenizer_path or model_dir)
-    settings = settings.resolve(model_dir)
+    settings = size_kv_cache(settings.resolve(model_dir))  # --mem-fraction-static -> --max-total-tokens
     metrics = RuntimeMetrics(settings.model_name)
     executor, load_seconds = start_executor(settings)
     metrics.model_load_seconds.set(load_seconds)
@@ -140,10 +144,20 @@ def ignore_reraised_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def resolve_device(settings: Settings) -> Settings:
+    """--device auto (the CLI's default): cuda when torch sees a GPU, else cpu; decided once, first."""
+    if settings.device != "auto":
+        return settings
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("--device auto: %s", device)
+    return dataclasses.replace(settings, device=device)
+
+
 def run_serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    settings = resolve_device(settings)
     if settings.node_rank > 0:
         return serve_worker_node(settings)
     try:
