@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lease-duration", type=float, default=15.0, help="seconds a leader holds the Lease")
     parser.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=None,
+        help="seconds after its last renewal that a leader may still act (default: 2/3 of --lease-duration; "
+        "must be shorter: a leader that cannot renew stops this much before a standby may take over)",
+    )
+    parser.add_argument(
+        "--max-retry-seconds",
+        type=float,
+        default=60.0,
+        help="longest backoff of a write the API refused (quota, webhook, RBAC) or of a failed pass",
+    )
+    parser.add_argument(
         "--resync-seconds", type=float, default=30.0, help="seconds between full resyncs of every deployment"
     )
     parser.add_argument(
@@ -72,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{port_flag.replace('_', '-')} must be 0..65535")
     if args.lease_duration < 2:
         raise SystemExit("--lease-duration must be at least 2 seconds")
+    if args.renew_deadline is not None and not 0 < args.renew_deadline < args.lease_duration:
+        raise SystemExit("--renew-deadline must be positive and shorter than --lease-duration")
+    if args.max_retry_seconds < 1:
+        raise SystemExit("--max-retry-seconds must be at least 1")
     if args.resync_seconds <= 0:
         raise SystemExit("--resync-seconds must be positive")
     logging.basicConfig(
@@ -106,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         lease_duration=args.lease_duration,
         identity=identity,
         resync_seconds=args.resync_seconds,
+        renew_deadline=args.renew_deadline,
+        retry_max_seconds=args.max_retry_seconds,
     )
     operator = controller.Controller(settings, kube.api_client(args.kubeconfig))
     if args.metrics_port:

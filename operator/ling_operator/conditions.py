@@ -22,13 +22,22 @@ def find(conditions: Iterable[Condition], type_: str) -> Condition | None:
 
 
 def merge(
-    previous: Sequence[Condition], current: Iterable[Condition], generation: int, now: datetime
+    previous: Sequence[Condition],
+    current: Iterable[Condition],
+    generation: int,
+    now: datetime,
+    *,
+    keep: bool = False,
 ) -> list[Condition]:
     """`previous` with each of `current` in place of its type, every other type kept (another writer's).
 
     A condition keeps its lastTransitionTime while its status stays the same, so a condition that says
-    the same thing again is not a change (and not a write)."""
+    the same thing again is not a change (and not a write). With `keep`, `current` are already stamped
+    (merged against another base): they replace their types as they are."""
     by_type = {c.type: c for c in previous}
+    if keep:
+        by_type.update({c.type: c for c in current})
+        return sorted(by_type.values(), key=lambda c: (_ORDER.get(c.type, len(_ORDER)), c.type))
     for cond in current:
         old = by_type.get(cond.type)
         if old is not None and old.last_transition_time is not None and old.status == cond.status:

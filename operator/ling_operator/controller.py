@@ -2,9 +2,10 @@
 
 One pass reads the cache (no API request), validates nothing twice (the cache holds the spec validated
 once per generation), asks reconcile.py and the autoscaler what to do, and writes the result: the plan's
-creates and deletes at once, then one status patch (only what changed: nothing in steady state), then
-the autoscaler's /scale. It returns when to look again (a backoff's end, a rendezvous deadline, the
-autoscaling interval).
+creates and deletes (writes.py: fenced by the Lease, refusals recorded, not raised), then one status
+patch (only what changed: nothing in steady state; it says which writes the API refused, and applies only
+to the version of the object the pass read), then the autoscaler's /scale. It returns when to look again
+(a backoff's end, a refused write's retry, a rendezvous deadline, the autoscaling interval).
 """
 
 from __future__ import annotations
@@ -20,21 +21,23 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ling_operator import autoscale_controller, metrics, reconcile, resources
-from ling_operator.api import LingDeploymentSpec, LingDeploymentStatus
+from ling_operator.api import ConditionType, LingDeploymentSpec, LingDeploymentStatus
 from ling_operator.autoscale_sources import ObservedGroup
 from ling_operator.cache import Cache, DeploymentRecord, Key
+from ling_operator.events import Event, warning
 from ling_operator.kube import IO_THREADS, Kube
 from ling_operator.leader import LeaseElector
 from ling_operator.pods import ObservedPod, resource_version
-from ling_operator.workqueue import WorkQueue
-from ling_operator.writes import Writer
+from ling_operator.workqueue import Backoff, WorkQueue
+from ling_operator.writes import RETRY_MAX_SECONDS, Fenced, WriteFailure, Writer, classify
 
 log = logging.getLogger("ling_operator")
 
 # Every how many resyncs the caches are re-filled by LIST (30 s resyncs: every 5 min, kopf's watch cycle).
 RELIST_EVERY = 10
-# After a failed pass, look again in this many seconds.
-RETRY_SECONDS = 5.0
+# After a status patch that found the object moved on (409), look again this soon (its watch event, which
+# queues the deployment too, usually comes first).
+CONFLICT_RETRY_SECONDS = 1.0
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Settings:
     identity: str = "ling-operator"
     resync_seconds: float = 30.0
     workers: int = 4  # distinct deployments reconciled at once; the API round trips dominate, not CPU
+    renew_deadline: float | None = None  # None: 2/3 of lease_duration (leader.py)
+    retry_max_seconds: float = RETRY_MAX_SECONDS  # the longest backoff of a refused write or failed pass
 
 
 def observed_groups(status: LingDeploymentStatus, pods: list[ObservedPod]) -> list[ObservedGroup]:
@@ -68,25 +73,38 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue()
         # Blocking API calls and scrapes run here; everything else runs on kopf's event loop.
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="ling-io")
-        self.writer = Writer(self.kube, self.cache, settings.identity, self.io)
+        # The Lease has a thread of its own: writes hung on a dead connection must not hold up the very
+        # renewal that decides whether writes may be sent at all.
+        self.lease_io = ThreadPoolExecutor(1, thread_name_prefix="ling-lease")
         self.elector = LeaseElector(
-            self.kube.coordination,
+            self.kube,
             settings.lease_name,
             settings.lease_namespace,
             settings.identity,
             settings.lease_duration,
+            settings.renew_deadline,
         )
-        # Set once the caches were filled by a LIST after winning the Lease: before that a missing pod
-        # in the cache could mean "not listed yet", and reconcile would read it as a lost rank.
-        self.seeded = False
+        self.writer = Writer(
+            self.kube, self.cache, settings.identity, self.io, self.elector, settings.retry_max_seconds
+        )
+        # The leadership term whose caches were filled by a LIST: before that a missing pod in the cache
+        # could mean "not listed yet", and reconcile would read it as a lost rank.
+        self.seeded_term = 0
+        self._seeding: asyncio.Task[None] | None = None
+        # A pass that failed (not a refused write: the pass itself) looks again with per-key backoff.
+        self.pass_backoff: Backoff[Key] = Backoff(1.0, settings.retry_max_seconds)
+        # The causes of refused writes already told in a Warning event, per deployment.
+        self.announced: dict[Key, set[tuple[str, str, str]]] = {}
         # When the autoscaler last looked at each deployment. Looks that change nothing are not written
         # (steady state causes no writes), so status alone cannot say when the last one was.
         self.autoscaled_at: dict[Key, datetime] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        # Read at each scrape: drops to 0 the moment the renew deadline passes, even while a renewal hangs.
+        metrics.leader.set_function(lambda: 1.0 if self.elector.is_leader else 0.0)
 
     @property
     def acting(self) -> bool:
-        return self.elector.is_leader and self.seeded
+        return self.elector.is_leader and self.seeded_term == self.elector.term
 
     async def start(self) -> None:
         self.tasks = [
@@ -98,32 +116,39 @@ class Controller:
         ]
 
     async def stop(self) -> None:
-        for task in self.tasks:
+        for task in [*self.tasks, *([self._seeding] if self._seeding else [])]:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.writer.call(self.elector.release)
+        await asyncio.get_running_loop().run_in_executor(self.lease_io, self.elector.release)
         self.io.shutdown(wait=False, cancel_futures=True)
-        metrics.leader.set(0)
+        self.lease_io.shutdown(wait=False)
 
     # -- leadership, resync, seeding ----------------------------------------------------------------------
 
     async def _lead(self) -> None:
-        was_leader = False
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                leading = await self.writer.call(self.elector.tick)
+                await loop.run_in_executor(self.lease_io, self.elector.tick)
             except Exception:  # a broken API connection must not kill the election loop
                 log.exception("leader election tick failed")
-                leading = self.elector.is_leader
-            metrics.leader.set(1 if leading else 0)
-            if leading and (not was_leader or not self.seeded):
-                self.seeded = await self._seed()
-                if self.seeded:
-                    self._enqueue_all()
-            elif not leading:
-                self.seeded = False  # a standby's caches may have gaps by the time it leads again
-            was_leader = leading
-            await asyncio.sleep(max(self.settings.lease_duration / 3, 0.5))
+            # Each new term (first win, or winning back after the deadline passed) starts from a LIST: a
+            # standby's watches may have gaps. Seeding runs beside this loop, which must keep renewing.
+            term = self.elector.term
+            if self.elector.is_leader and self.seeded_term != term and self._seeding is None:
+                self._seeding = asyncio.create_task(self._seed_term(term), name="ling-seed")
+            await asyncio.sleep(self.elector.next_tick_in())
+
+    async def _seed_term(self, term: int) -> None:
+        try:
+            if await self._seed() and self.elector.term == term:
+                # What this replica knew of refused writes is from before another replica led: stale.
+                self.writer.forget_all()
+                self.announced.clear()
+                self.seeded_term = term
+                self._enqueue_all()
+        finally:
+            self._seeding = None
 
     async def _resync(self) -> None:
         rounds = 0
@@ -184,35 +209,39 @@ class Controller:
                 continue
             started = time.monotonic()
             try:
-                delay = await self.sync(key)
-                metrics.reconcile_total.labels("ok").inc()
+                delay, result = await self.sync(key)
+                self.pass_backoff.forget(key)
+            except Fenced:
+                # Deposed (or cut off) mid-pass: what it decided is stale. Whoever leads looks again.
+                log.info("%s/%s: pass stopped before its next write: the Lease was not renewed in time", *key)
+                delay, result = None, "fenced"
             except Exception as exc:
-                metrics.reconcile_total.labels("error").inc()
-                log.exception("%s/%s: reconcile failed (%s); retrying in %.0f s", *key, exc, RETRY_SECONDS)
-                delay = RETRY_SECONDS
+                delay, result = self.pass_backoff.failed(key), "error"
+                log.exception("%s/%s: reconcile failed (%s); retrying in %.0f s", *key, exc, delay)
+            metrics.reconcile_total.labels(result).inc()
             metrics.reconcile_duration_seconds.observe(time.monotonic() - started)
             self.queue.done(key, delay)
 
     # -- one pass ------------------------------------------------------------------------------------------
 
-    async def sync(self, key: Key) -> float | None:
-        """Reconcile one LingDeployment; returns when to look again (None: only on the next event)."""
+    async def sync(self, key: Key) -> tuple[float | None, str]:
+        """Reconcile one LingDeployment: (when to look again, None: only on the next event; the result)."""
         record, pods, services = self.cache.snapshot(key)
         if record is None:
-            self.autoscaled_at.pop(key, None)
-            return None  # deleted (or not seen yet: its watch event enqueues it again)
+            self._forget(key)
+            return None, "ok"  # deleted (or not seen yet: its watch event enqueues it again)
         if record.deleting:
-            return None  # owner references let the garbage collector remove the groups
+            return None, "ok"  # owner references let the garbage collector remove the groups
         owner = resources.Owner(record.name, record.namespace, record.uid)
         status = record.observed
         now = datetime.now(UTC)
         if record.spec is None:
             message = f"spec rejected by the operator: {record.spec_error}"
             invalid = reconcile.invalid_spec_status(status, record.generation, message, now)
-            await self.writer.patch_status(owner, record.status, invalid)
-            metrics.reconcile_total.labels("invalid_spec").inc()
             log.warning("%s/%s: %s", *key, message)
-            return None
+            if not await self._patch_status(owner, record, invalid):
+                return CONFLICT_RETRY_SECONDS, "conflict"
+            return None, "invalid_spec"
         spec = record.spec
         plan = reconcile.reconcile(
             owner,
@@ -223,15 +252,69 @@ class Controller:
             services,
             now,
             default_image=self.settings.default_image,
+            refused=self.writer.refused(key),
         )
-        await self.writer.apply(owner, plan)
+        outcome = await self.writer.apply(owner, plan, pods)
         status, autoscale_delay, result = await self._autoscale(record, spec, plan.status, pods, now)
-        await self.writer.patch_status(owner, record.status, status)  # one status write per pass
+        status = reconcile.with_write_failures(
+            status, record.observed.conditions, outcome.failures, record.generation, now
+        )
+        if not await self._patch_status(owner, record, status):  # one status write per pass
+            return CONFLICT_RETRY_SECONDS, "conflict"
+        await self.writer.post(owner, self._announce(key, record, outcome.failures))
+        scaled = True
         if result is not None:
-            await self._apply_autoscale(owner, spec, result)
+            scaled = await self._apply_autoscale(owner, spec, result)
         _record_metrics(key, plan)
-        delays = [d for d in (plan.requeue_after, autoscale_delay) if d is not None]
-        return min(delays) if delays else None
+        delays = [d for d in (plan.requeue_after, autoscale_delay, outcome.retry_in) if d is not None]
+        return (min(delays) if delays else None), ("ok" if scaled and not outcome.failures else "write_error")
+
+    async def _patch_status(
+        self, owner: resources.Owner, record: DeploymentRecord, status: LingDeploymentStatus
+    ) -> bool:
+        """The pass's one status patch, onto the version of the object it read; False when the object moved
+        on meanwhile (409): the status was computed from what is no longer there, so it is not written."""
+        try:
+            await self.writer.patch_status(owner, record.status, status, record.resource_version)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            log.info("%s/%s: the object changed during the pass; looking again", owner.namespace, owner.name)
+            return False
+        return True
+
+    def _announce(self, key: Key, record: DeploymentRecord, failures: list[WriteFailure]) -> list[Event]:
+        """One Warning event per distinct cause of refused writes (reason, verb, kind), not one per retry;
+        a cause that clears is told again if it comes back."""
+        causes: dict[tuple[str, str, str], WriteFailure] = {}
+        for failure in failures:
+            causes.setdefault(failure.cause, failure)
+        known = self.announced.get(key)
+        if known is None:
+            # The first refusals this replica sees here: the stored status may already tell them (another
+            # replica's, or this one's before a restart).
+            stored = record.observed.condition(ConditionType.DEGRADED)
+            told = stored.reason if stored is not None and stored.status == "True" else None
+            known = {cause for cause in causes if cause[0] == told}
+        events = [
+            warning(
+                f.reason,
+                f"{f.describe()} (retrying with backoff; status.conditions Degraded says when it clears)",
+            )
+            for cause, f in causes.items()
+            if cause not in known
+        ]
+        if causes:
+            self.announced[key] = set(causes)
+        else:
+            self.announced.pop(key, None)
+        return events
+
+    def _forget(self, key: Key) -> None:
+        self.autoscaled_at.pop(key, None)
+        self.announced.pop(key, None)
+        self.writer.forget(key)
+        self.pass_backoff.forget(key)
 
     async def _autoscale(
         self,
@@ -279,8 +362,9 @@ class Controller:
 
     async def _apply_autoscale(
         self, owner: resources.Owner, spec: LingDeploymentSpec, result: autoscale_controller.AutoscaleResult
-    ) -> None:
-        """After the status patch: the autoscaler's events, metrics and /scale write."""
+    ) -> bool:
+        """After the status patch: the autoscaler's events, metrics and /scale write; False when the API
+        refused the /scale write (the autoscaler decides again at its next look)."""
         await self.writer.post(owner, result.events)
         m = result.metrics
         if m is not None:
@@ -295,12 +379,23 @@ class Controller:
             if m.source_error:
                 metrics.autoscaler_source_errors_total.labels(*labels).inc()
         if result.replicas is not None:
-            await self.writer.scale(owner, result.replicas)
+            try:
+                await self.writer.scale(owner, result.replicas)
+            except ApiException as exc:
+                reason, code, message = classify(exc)
+                metrics.write_failures_total.labels(reason).inc()
+                log.warning(
+                    "%s/%s: cannot set spec.replicas to %d (%s, HTTP %s): %s",
+                    owner.namespace, owner.name, result.replicas, reason, code, message,
+                )  # fmt: skip
+                return False
+        return True
 
 
 def _record_metrics(key: Key, plan: reconcile.Plan) -> None:
     metrics.groups_desired.labels(*key).set(plan.status.desired_replicas)
     metrics.groups_ready.labels(*key).set(plan.status.ready_replicas)
+    metrics.set_waiting(*key, plan.waiting)
     for _ in plan.restarted_groups:
         metrics.group_restarts_total.labels(*key).inc()
     for seconds in plan.rendezvous_seconds:

@@ -7,7 +7,8 @@ annotations), so two replicas can watch side by side; only the Lease holder (lea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -50,11 +51,51 @@ class _NoProgress(kopf.ProgressStorage):
         return essence
 
 
+def count_watch_restarts() -> bool:
+    """Count each watch stream kopf opens again after its first (`ling_operator_watch_restarts_total`).
+
+    kopf runs the watches (LIST, then WATCH, reconnecting on errors, timeouts and silence) and offers no
+    hook for it, so its one function that opens a watch request is wrapped; with a kopf that has no such
+    function the metric stays empty and a warning says so. True when the wrapper is in place."""
+    try:
+        from kopf._cogs.clients import watching
+    except ImportError:
+        watching = None
+    original: Callable[..., AsyncIterator[Any]] | None = getattr(watching, "watch_objs", None)
+    if original is None:
+        logging.getLogger("ling_operator").warning(
+            "this kopf has no watch_objs: watch restarts are not counted"
+        )
+        return False
+    if getattr(original, "_ling_counted", False):
+        return True
+    opened: set[tuple[str, str | None]] = set()
+
+    def watch_objs(*, resource: Any, namespace: str | None, **kw: Any) -> AsyncIterator[Any]:
+        plural = str(getattr(resource, "plural", resource))
+        if (plural, namespace) in opened:
+            metrics.watch_restarts_total.labels(plural).inc()
+        opened.add((plural, namespace))
+        assert original is not None
+        return original(resource=resource, namespace=namespace, **kw)
+
+    watch_objs._ling_counted = True  # type: ignore[attr-defined]
+    watching.watch_objs = watch_objs  # type: ignore[union-attr]
+    return True
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # We write our own events; kopf must not post its handler logs as events from both replicas.
     settings.posting.enabled = False
     settings.watching.server_timeout = 300
+    # Every request has a timeout (issue 18): kopf's own (LISTs) and its watch connections. A silent
+    # watch is reopened after kopf's inactivity timeout (70 s; the API server sends bookmarks meanwhile).
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    settings.watching.connect_timeout = 10
+    settings.watching.client_timeout = settings.watching.server_timeout + 60
+    count_watch_restarts()
     settings.persistence.diffbase_storage = _NoDiffBase()
     settings.persistence.progress_storage = _NoProgress()
     await memo["controller"].start()

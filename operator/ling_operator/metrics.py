@@ -15,7 +15,9 @@ _DEPLOYMENT = ("namespace", "deployment")
 
 reconcile_total = Counter(
     _PREFIX + "reconcile",
-    "Reconcile passes by result (ok, error, invalid_spec).",
+    "Reconcile passes by result: ok, write_error (a create, delete or patch was refused: status says why), "
+    "conflict (the object moved under the pass: looked at again), fenced (stopped: the Lease had no time "
+    "left), invalid_spec, error.",
     ["result"],
     registry=REGISTRY,
 )
@@ -23,6 +25,37 @@ reconcile_duration_seconds = Histogram(
     _PREFIX + "reconcile_duration_seconds",
     "Time of one reconcile pass (read, decide, write).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+api_requests_total = Counter(
+    _PREFIX + "api_requests",
+    "Kubernetes API requests by verb, resource and HTTP code (timeout or connection when no answer came).",
+    ["verb", "resource", "code"],
+    registry=REGISTRY,
+)
+api_request_duration_seconds = Histogram(
+    _PREFIX + "api_request_duration_seconds",
+    "Time of one Kubernetes API request (until its answer, or its timeout).",
+    ["verb"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+write_failures_total = Counter(
+    _PREFIX + "write_failures",
+    "Creates, deletes and patches the API refused or never answered, by the reason status names "
+    "(QuotaExceeded, AdmissionDenied, Forbidden, InvalidObject, WriteConflict, APIServerError, APIUnreachable).",
+    ["reason"],
+    registry=REGISTRY,
+)
+fenced_writes_total = Counter(
+    _PREFIX + "fenced_writes",
+    "Writes not sent because this replica's Lease was not renewed in time (a deposed leader's writes).",
+    registry=REGISTRY,
+)
+watch_restarts_total = Counter(
+    _PREFIX + "watch_restarts",
+    "Watch streams opened again after their first start (a reconnect, a re-list), by resource.",
+    ["resource"],
     registry=REGISTRY,
 )
 
@@ -66,7 +99,36 @@ autoscaler_source_errors_total = Counter(
     _DEPLOYMENT,
     registry=REGISTRY,
 )
-leader = Gauge(_PREFIX + "leader", "1 on the replica that holds the leader Lease, else 0.", registry=REGISTRY)
+groups_waiting = Gauge(
+    _PREFIX + "groups_waiting",
+    "Groups not serving yet, by why they wait (the scheduler's, kubelet's or API server's words): "
+    "WaitingForGPUs, WaitingForVolume, NoMatchingNode, Unschedulable, ImagePullFailed, ContainerConfigError, "
+    "PodsNotAdmitted.",
+    ["namespace", "deployment", "reason"],
+    registry=REGISTRY,
+)
+# Read at scrape time (controller.py sets its function): 1 only while this replica may act, so it drops as
+# soon as the Lease was not renewed in time, even while the renewal itself still hangs.
+leader = Gauge(
+    _PREFIX + "leader",
+    "1 on the replica that holds the leader Lease and renewed it within the renew deadline, else 0.",
+    registry=REGISTRY,
+)
+_waiting: dict[tuple[str, str], set[str]] = {}
+
+
+def set_waiting(namespace: str, deployment: str, counts: dict[str, int]) -> None:
+    """groups_waiting of one deployment: the reasons in `counts`, and no series left for the others."""
+    key = (namespace, deployment)
+    for reason in _waiting.get(key, set()) - set(counts):
+        with contextlib.suppress(KeyError):
+            groups_waiting.remove(namespace, deployment, reason)
+    for reason, n in counts.items():
+        groups_waiting.labels(namespace, deployment, reason).set(n)
+    if counts:
+        _waiting[key] = set(counts)
+    else:
+        _waiting.pop(key, None)
 
 
 def forget_deployment(namespace: str, deployment: str) -> None:
@@ -81,6 +143,7 @@ def forget_deployment(namespace: str, deployment: str) -> None:
     ):
         with contextlib.suppress(KeyError):
             metric.remove(namespace, deployment)
+    set_waiting(namespace, deployment, {})
 
 
 def serve(port: int, address: str) -> None:

@@ -9,9 +9,59 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from ling_operator import resources
+from ling_operator.api import Reason
+from ling_operator.timeutil import parse_time
+
+# The kubelet's waiting reasons that keep a container from starting until someone fixes the pod spec, the
+# image or the registry (kubelet/images and kuberuntime), by the reason the operator reports them under.
+_WAITING_REASONS = {
+    **dict.fromkeys(
+        (
+            "ErrImagePull",
+            "ImagePullBackOff",
+            "InvalidImageName",
+            "ErrImageNeverPull",
+            "RegistryUnavailable",
+            "ImageInspectError",
+            "SignatureValidationFailed",
+        ),
+        Reason.IMAGE_PULL_FAILED,
+    ),
+    **dict.fromkeys(
+        ("CreateContainerConfigError", "CreateContainerError", "RunContainerError", "PreStartHookError"),
+        Reason.CONTAINER_CONFIG_ERROR,
+    ),
+}
+
+
+def scheduling_reason(message: str) -> str:
+    """The reason for the scheduler's words on an unschedulable pod (its PodScheduled message). A message
+    names every filter that rejected a node; the first cause here wins: a missing volume blocks a pod
+    wherever GPUs are free, and GPU nodes that are all full beat other nodes that do not match."""
+    m = message.lower()
+    if (
+        ("persistentvolumeclaim" in m and ("not found" in m or "being deleted" in m))
+        or "unbound immediate persistentvolumeclaims" in m
+        or "didn't find available persistent volumes" in m
+        or "volume node affinity conflict" in m
+    ):
+        return Reason.WAITING_FOR_VOLUME
+    if "insufficient nvidia.com/gpu" in m:
+        return Reason.WAITING_FOR_GPUS
+    if (
+        "didn't match pod's node affinity/selector" in m
+        or "untolerated taint" in m
+        or "didn't match pod affinity" in m
+        or "didn't match pod anti-affinity" in m
+        or "didn't satisfy existing pods anti-affinity" in m
+        or "didn't match pod topology spread constraints" in m
+    ):
+        return Reason.NO_MATCHING_NODE
+    return Reason.UNSCHEDULABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +84,12 @@ class ObservedPod:
     unschedulable: str | None  # the scheduler's message while PodScheduled is False
     failure: str | None  # why this rank is dead, in words a person can act on (None while alive)
     waiting: tuple[str, ...]  # the kubelet's words for containers that have not started
+    # (reason, the scheduler's or kubelet's words) while the pod cannot progress without someone acting:
+    # not schedulable (PodScheduled False), or a container the kubelet cannot start (image, config).
+    stuck: tuple[str, str] | None = None
+    created_at: datetime | None = None  # metadata.creationTimestamp
+    scheduled_at: datetime | None = None  # PodScheduled True since (the scheduler's clock)
+    ready_at: datetime | None = None  # Ready True since (the kubelet's clock)
 
     @property
     def running(self) -> bool:
@@ -60,6 +116,13 @@ class ObservedPod:
             unschedulable = str(
                 scheduled_cond.get("message") or scheduled_cond.get("reason") or "not scheduled yet"
             )
+        waiting = _waiting(status)
+        stuck = None
+        if unschedulable is not None:
+            stuck = (scheduling_reason(unschedulable), unschedulable)
+        else:
+            stuck = _stuck_container(status)
+        ready_cond = conditions.get("Ready") or {}
         return cls(
             name=str(meta.get("name", "")),
             namespace=str(meta.get("namespace", "")),
@@ -74,12 +137,27 @@ class ObservedPod:
             phase=status.get("phase"),
             node=(pod.get("spec") or {}).get("nodeName") or None,
             ip=status.get("podIP") or None,
-            ready_condition=(conditions.get("Ready") or {}).get("status") == "True",
+            ready_condition=ready_cond.get("status") == "True",
             scheduled=bool((pod.get("spec") or {}).get("nodeName")) or scheduled_cond.get("status") == "True",
             unschedulable=unschedulable,
             failure=_failure(status, -1 if rank is None else rank),
-            waiting=_waiting(status),
+            waiting=waiting,
+            stuck=stuck,
+            created_at=parse_time(meta.get("creationTimestamp")),
+            scheduled_at=(
+                parse_time(scheduled_cond.get("lastTransitionTime"))
+                if scheduled_cond.get("status") == "True"
+                else None
+            ),
+            ready_at=parse_time(ready_cond.get("lastTransitionTime"))
+            if ready_cond.get("status") == "True"
+            else None,
         )
+
+    @property
+    def placed_at(self) -> datetime | None:
+        """When the scheduler placed this pod (its creation, for a pod that says no more)."""
+        return self.scheduled_at or (self.created_at if self.scheduled else None)
 
 
 def resource_version(obj: Mapping[str, Any]) -> int | None:
@@ -129,10 +207,32 @@ def _failure(status: Mapping[str, Any], rank: int) -> str | None:
 def _waiting(status: Mapping[str, Any]) -> tuple[str, ...]:
     """ImagePullBackOff and friends, as `<container>: <reason>[: <message>]`."""
     out = []
-    for _, cs in _container_statuses(status):
+    for init, cs in _container_statuses(status):
+        if (
+            init
+            and cs.get("name") == resources.DOWNLOAD_CONTAINER_NAME
+            and (cs.get("state") or {}).get("running")
+        ):
+            # The Hugging Face download (or its wait for another pod on the node): the conditions say so,
+            # the init container's log has the progress.
+            out.append(
+                f"{cs.get('name')}: downloading the weights (progress: kubectl logs -c {cs.get('name')})"
+            )
+            continue
         waiting = (cs.get("state") or {}).get("waiting") or {}
         reason = waiting.get("reason")
         if reason and reason not in ("PodInitializing", "ContainerCreating"):
             message = waiting.get("message")
             out.append(f"{cs.get('name')}: {reason}" + (f": {message}" if message else ""))
     return tuple(out)
+
+
+def _stuck_container(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, the kubelet's words) for the first container the kubelet cannot start."""
+    for _, cs in _container_statuses(status):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = _WAITING_REASONS.get(str(waiting.get("reason")))
+        if reason is not None:
+            message = waiting.get("message")
+            return reason, f"{cs.get('name')}: {waiting.get('reason')}" + (f": {message}" if message else "")
+    return None

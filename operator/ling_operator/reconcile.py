@@ -12,11 +12,11 @@ replaced not-ready first, then highest index first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ling_operator import conditions, rendezvous, resources
 from ling_operator.api import (
@@ -32,6 +32,9 @@ from ling_operator.api import (
 from ling_operator.events import Event, normal, warning
 from ling_operator.pods import ObservedPod
 from ling_operator.timeutil import whole_seconds
+
+if TYPE_CHECKING:
+    from ling_operator.writes import WriteFailure
 
 # How often to look again while pods we deleted are still terminating (pod events also wake us).
 TERMINATING_REQUEUE_SECONDS = 2.0
@@ -55,6 +58,7 @@ class Plan:
     requeue_after: float | None = None
     restarted_groups: list[int] = field(default_factory=list)
     rendezvous_seconds: list[float] = field(default_factory=list)
+    waiting: dict[str, int] = field(default_factory=dict)  # groups not serving yet, by the reason they wait
 
     def wake_in(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)
@@ -116,6 +120,7 @@ class GroupView:
     index: int
     pods: dict[int, ObservedPod]  # rank -> pod (live and terminating); fixed for the pass
     prev: GroupStatus | None  # this group's entry of the previous status.groups
+    deployment: str | None = None  # the deployment's name (pod names are <name>-<group>-<rank>)
 
     @cached_property
     def live(self) -> dict[int, ObservedPod]:
@@ -142,6 +147,20 @@ class GroupView:
             return "Loading"
         return "Ready"
 
+    def placed_at(self, pods: int) -> datetime | None:
+        """When the last rank was placed, by the scheduler's clock (None until every rank is)."""
+        times = [self.live[r].placed_at for r in range(pods) if r in self.live]
+        if len(times) < pods or any(t is None for t in times):
+            return None
+        return max(t for t in times if t is not None)
+
+    def ready_at(self, pods: int) -> datetime | None:
+        """When the last rank became Ready, by the kubelet's clock (None when a rank does not say)."""
+        times = [self.live[r].ready_at for r in range(pods) if r in self.live]
+        if len(times) < pods or any(t is None for t in times):
+            return None
+        return max(t for t in times if t is not None)
+
     def not_running(self, pods: int) -> list[int]:
         return [r for r in range(pods) if not self.live[r].running]
 
@@ -149,24 +168,49 @@ class GroupView:
         return [r for r in range(pods) if not self.live[r].ready]
 
 
-def _wait_message(view: GroupView, spec: LingDeploymentSpec, phase: str) -> str:
-    live, pods = view.live, spec.pods_per_group
+Wait = tuple[str | None, str]  # (reason when someone must act, else None; the line a person reads)
+
+
+def _wait(
+    view: GroupView, spec: LingDeploymentSpec, phase: str, refused: Mapping[str, str], creating: bool
+) -> Wait:
+    """Why a group is not serving yet, in the words of whoever holds it up: the API server (a create it
+    refused), the scheduler (PodScheduled's message) or the kubelet (a container's waiting reason)."""
+    g, live, pods = view.index, view.live, spec.pods_per_group
     if phase == "Pending":
-        unscheduled = [r for r, p in live.items() if not p.scheduled]
-        if unscheduled:
-            why = live[unscheduled[0]].unschedulable or "not scheduled yet"
-            if spec.engine.device == "cuda":
+        missing = [r for r in range(pods) if r not in live]
+        not_admitted = {
+            r: refused[name]
+            for r in missing
+            if (name := rendezvous.pod_name(view.deployment or "", g, r)) in refused
+        }
+        if not_admitted:
+            why = not_admitted[min(not_admitted)]
+            return Reason.PODS_NOT_ADMITTED, f"group {g}: {_ranks_text(not_admitted)} not admitted: {why}"
+        unscheduled = [r for r, p in sorted(live.items()) if not p.scheduled]
+        if unscheduled and not creating:
+            stuck = live[unscheduled[0]].stuck
+            if stuck is None:
+                return None, f"group {g}: waiting for {_ranks_text(unscheduled)} to be scheduled"
+            reason, why = stuck
+            if reason == Reason.WAITING_FOR_GPUS and spec.engine.device == "cuda":
                 gpus = len(unscheduled) * spec.parallelism.gpus_per_pod
-                return f"group {view.index}: waiting for {gpus} of {spec.parallelism.tensor} GPUs: {why}"
-            return f"group {view.index}: waiting for {len(unscheduled)} of {pods} pods to be scheduled: {why}"
-        return f"group {view.index}: creating {_ranks_text(r for r in range(pods) if r not in live)}"
+                return reason, f"group {g}: waiting for {gpus} of {spec.parallelism.tensor} GPUs: {why}"
+            if reason == Reason.WAITING_FOR_VOLUME:
+                return reason, f"group {g}: waiting for a volume for {_ranks_text(unscheduled)}: {why}"
+            if reason == Reason.NO_MATCHING_NODE:
+                return reason, f"group {g}: no node matches {_ranks_text(unscheduled)}: {why}"
+            return reason, f"group {g}: {_ranks_text(unscheduled)} cannot be scheduled: {why}"
+        return None, f"group {g}: creating {_ranks_text(missing or range(pods))}"
     if phase == "Forming":
         waiting = view.not_running(pods)
+        stuck = [live[r].stuck for r in waiting if live[r].stuck is not None]
         why = sorted({w for r in waiting for w in live[r].waiting}) or ["image pull, init"]
-        return f"group {view.index}: waiting for {_ranks_text(waiting)} to start ({'; '.join(why)})"
+        text = f"group {g}: waiting for {_ranks_text(waiting)} to start ({'; '.join(why)})"
+        return (stuck[0][0] if stuck else None), text
     if phase == "Loading":
-        return f"group {view.index}: loading weights, {_ranks_text(view.not_ready(pods))} not ready"
-    return f"group {view.index}: {phase.lower()}"
+        return None, f"group {g}: loading weights, {_ranks_text(view.not_ready(pods))} not ready"
+    return None, f"group {g}: {phase.lower()}"
 
 
 def _rendezvous_limit(spec: LingDeploymentSpec, phase: str) -> int:
@@ -175,8 +219,12 @@ def _rendezvous_limit(spec: LingDeploymentSpec, phase: str) -> int:
     return limit + (spec.runtime.startup_timeout_seconds if phase == "Loading" else 0)
 
 
-def _failure(view: GroupView, spec: LingDeploymentSpec, now: datetime) -> tuple[str, str] | None:
-    """(reason, message) when this group must be restarted, else None."""
+def _failure(
+    view: GroupView, spec: LingDeploymentSpec, now: datetime, refused: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(reason, message) when this group must be restarted, else None. Only what the pods show counts
+    (a failed, deleted or vanished rank, a rendezvous past its deadline by the pods' own clocks): the
+    stored status can hold a restart back, never order one."""
     for _, pod in sorted(view.pods.items()):
         if pod.failure:
             return Reason.RANK_FAILED, pod.failure
@@ -186,15 +234,22 @@ def _failure(view: GroupView, spec: LingDeploymentSpec, now: datetime) -> tuple[
         if gone:
             return Reason.RANK_FAILED, f"{_ranks_text(gone)} deleted"
     live, pods = view.live, spec.pods_per_group
-    missing = [r for r in range(pods) if r not in live]
-    started = any(p.running for p in live.values()) or prev_phase in ("Loading", "Ready")
-    if missing and live and started:
+    # A rank whose create the API refused (quota, a webhook) was never there: the group waits for it.
+    missing = [
+        r
+        for r in range(pods)
+        if r not in live and rendezvous.pod_name(view.deployment or "", view.index, r) not in refused
+    ]
+    if missing and live and any(p.running for p in live.values()):
         return Reason.RANK_FAILED, f"{_ranks_text(missing)} missing"
-    since = None if view.prev is None else view.prev.forming_since
     phase = view.observed_phase(pods)
-    if since is not None and phase in ("Forming", "Loading"):
+    if phase in ("Forming", "Loading"):
+        since = view.placed_at(pods)
+        if since is None and view.prev is not None and view.prev.forming_since is not None:
+            # Pods that do not say when: our own record, never ahead of now.
+            since = min(view.prev.forming_since, now)
         limit = _rendezvous_limit(spec, phase)
-        if (now - since).total_seconds() > limit:
+        if since is not None and (now - since).total_seconds() > limit:
             waiting = view.not_running(pods) if phase == "Forming" else view.not_ready(pods)
             return (
                 Reason.RENDEZVOUS_TIMEOUT,
@@ -217,10 +272,12 @@ def reconcile(
     now: datetime,
     *,
     default_image: str = resources.DEFAULT_RUNTIME_IMAGE,
+    refused: Mapping[str, str] | None = None,
 ) -> Plan:
     """One pass: `pods` are the pods labelled with this deployment (any owner); `services` the names of
-    its Services that exist. The plan's status is the whole status to write."""
-    return _Pass(owner, generation, spec, status, now, default_image).run(pods, services)
+    its Services that exist; `refused` the pods whose create the API refused (name -> why), which the
+    group waits for instead of counting them lost. The plan's status is the whole status to write."""
+    return _Pass(owner, generation, spec, status, now, default_image, refused or {}).run(pods, services)
 
 
 class _Pass:
@@ -234,8 +291,10 @@ class _Pass:
         status: LingDeploymentStatus,
         now: datetime,
         default_image: str,
+        refused: Mapping[str, str],
     ) -> None:
         self.owner, self.generation, self.spec, self.status = owner, generation, spec, status
+        self.refused = refused
         self.now, self.stamp = now, whole_seconds(now)
         self.default_image = default_image
         self.pods = spec.pods_per_group
@@ -289,7 +348,7 @@ class _Pass:
                 continue
             by_group.setdefault(g, {})[r] = pod
         for g in sorted(set(prev_groups) | set(by_group)):
-            view = GroupView(g, by_group.get(g, {}), prev_groups.get(g))
+            view = GroupView(g, by_group.get(g, {}), prev_groups.get(g), self.owner.name)
             if view.prev is None and not view.live:
                 self.blocked.add(g)  # terminating pods of a group we already removed
                 self.draining.add(g)
@@ -302,34 +361,52 @@ class _Pass:
         """A group's status entry with what survives from its previous one."""
         if prev is None:
             return GroupStatus(index=g, restarts=0)
+        # Whatever a person (or a replica with a clock ahead of ours) wrote: a time in the future counts
+        # as now, a delay beyond maxBackoffSeconds as that maximum.
+        policy = self.spec.failure_policy
         entry = GroupStatus(
             index=g,
-            restarts=prev.restarts,
-            last_restart_time=prev.last_restart_time,
+            restarts=max(prev.restarts, 0),
+            last_restart_time=self._not_after_now(prev.last_restart_time),
             last_restart_reason=prev.last_restart_reason or None,
-            forming_since=prev.forming_since,
-            ready_since=prev.ready_since,
-            backoff_seconds=prev.backoff_seconds or None,
+            forming_since=self._not_after_now(prev.forming_since),
+            ready_since=self._not_after_now(prev.ready_since),
+            backoff_seconds=min(max(prev.backoff_seconds, 0), policy.max_backoff_seconds)
+            if prev.backoff_seconds
+            else None,
+            # Written by the autoscaler's scrape (autoscale_controller.mtp_acceptance), kept between looks.
+            mtp_acceptance_rate=prev.mtp_acceptance_rate,
         )
         if served_long_enough(entry.ready_since, self.now, self.spec.failure_policy.max_backoff_seconds):
             entry.backoff_seconds = None  # restarts weeks apart are not a crash loop: start over
         return entry
 
+    def _pod(self, g: int, rank: int) -> str:
+        return rendezvous.pod_name(self.owner.name, g, rank)
+
+    def _not_after_now(self, value: datetime | None) -> datetime | None:
+        return None if value is None else min(value, self.stamp)
+
     def _failures(self, g: int) -> None:
+        """Restart (or leave failed) a group whose pods show a failure. The stored phase is no command:
+        `Restarting` only says the group's restart was begun, which goes on only while its pods show it
+        (a rank gone, failed or terminating; no pods left to wait out the backoff), and `Failed` stands
+        only while a failure is still there to inspect. A whole, healthy group is never torn down for
+        what status says."""
         view, policy = self.views[g], self.spec.failure_policy
         entry = self.entries[g] = self._carried_over(g, view.prev)
-        if view.prev_phase() == "Restarting":
+        failed = _failure(view, self.spec, self.now, self.refused)
+        absent = [r for r in range(self.pods) if r not in view.live and self._pod(g, r) not in self.refused]
+        if view.prev_phase() == "Restarting" and (failed is not None or absent or view.terminating):
             self._wait_for_restart(view, entry)
             return
-        if view.prev_phase() == "Failed" and not policy.restart_group and view.pods:
-            self.decided[g] = "Failed"  # kept for inspection until its pods are deleted or the spec changes
-            return
-        failed = _failure(view, self.spec, self.now)
         if failed is None:
             return
         reason, message = failed
         if not policy.restart_group:
             self.decided[g] = "Failed"
+            if view.prev_phase() == "Failed":
+                return  # said so already: kept for inspection until its pods are deleted or the spec changes
             entry.last_restart_reason = (
                 f"{message}; group {g} left failed (failurePolicy.restartGroup is false)"
             )
@@ -361,7 +438,8 @@ class _Pass:
         if delay is None:
             # A status written before backoffSeconds existed: the delay followed the restart count.
             delay = restart_delay(entry.restarts, policy.backoff_seconds, policy.max_backoff_seconds)
-        started = entry.last_restart_time or self.now
+        delay = min(delay, policy.max_backoff_seconds)
+        started = entry.last_restart_time or self.stamp  # never after now (`_carried_over`)
         wait = (started + timedelta(seconds=delay) - self.now).total_seconds()
         if wait > 0:
             self.plan.wake_in(wait)
@@ -460,7 +538,7 @@ class _Pass:
         while occupied < self._allowed_total() and new_count < self.spec.replicas:
             while index in self.slots or index in self.blocked or index in self.removed:
                 index += 1
-            self.views[index] = GroupView(index, {}, None)
+            self.views[index] = GroupView(index, {}, None, self.owner.name)
             self.entries[index] = GroupStatus(index=index, restarts=0)
             self.slots.add(index)
             self.to_create.add(index)
@@ -480,9 +558,9 @@ class _Pass:
 
     # -- 6. per-group status -----------------------------------------------------------------------------
 
-    def _group_status(self) -> tuple[list[GroupStatus], list[str]]:
+    def _group_status(self) -> tuple[list[GroupStatus], list[Wait]]:
         groups: list[GroupStatus] = []
-        waits: list[str] = []
+        waits: list[Wait] = []
         for g in sorted(self.slots):
             view, entry = self.views[g], self.entries[g]
             created = g in self.to_create
@@ -490,13 +568,12 @@ class _Pass:
             entry.phase = phase
             self._track_rendezvous(view, entry)
             if phase not in ("Ready", "Restarting", "Failed"):
-                waits.append(
-                    f"group {g}: creating {self.pods} pods"
-                    if created
-                    else _wait_message(view, self.spec, phase)
-                )
+                wait = _wait(view, self.spec, phase, self.refused, created)
+                waits.append(wait)
+                if wait[0] is not None:
+                    self.plan.waiting[wait[0]] = self.plan.waiting.get(wait[0], 0) + 1
             if phase == "Restarting" and entry.last_restart_reason:
-                waits.append(f"group {g}: {entry.last_restart_reason}")
+                waits.append((None, f"group {g}: {entry.last_restart_reason}"))
             revisions = view.revisions()
             # A group being (re)created gets the desired revision; a mixed group reports its oldest.
             entry.revision = (
@@ -510,22 +587,35 @@ class _Pass:
         return groups, waits
 
     def _track_rendezvous(self, view: GroupView, entry: GroupStatus) -> None:
-        """readySince, formingSince, the rendezvous deadline and the GroupReady event."""
+        """readySince, formingSince, the rendezvous deadline and the GroupReady event.
+
+        formingSince is when the last rank was placed and the rendezvous took from then until the last
+        rank was Ready, both read off the pods (the scheduler's and the kubelet's timestamps): a group
+        that formed while the operator was down, paused or cut off reports its own time, not the outage."""
         phase, prev_phase = entry.phase, view.prev_phase()
         # The backoff reset counts uninterrupted service only.
         entry.ready_since = (entry.ready_since or self.stamp) if phase == "Ready" else None
+        placed = view.placed_at(self.pods) if view.live else None
         if phase == "Ready":
-            since, entry.forming_since = entry.forming_since, None
+            since, entry.forming_since = placed or entry.forming_since, None
             if prev_phase != "Ready":
-                took = (self.now - since).total_seconds() if since else None
-                if took is not None:
+                ready_at = view.ready_at(self.pods)
+                took = None
+                if since is not None:
+                    # Without the pods' own Ready times, the operator's clock: it then says so.
+                    took = max(((ready_at or self.now) - since).total_seconds(), 0.0)
                     self.plan.rendezvous_seconds.append(took)
-                message = f"group {view.index} ready: all {self.pods} ranks joined" + (
-                    f" in {took:.0f} s" if took is not None else ""
-                )
+                message = f"group {view.index} ready: all {self.pods} ranks joined"
+                if took is not None:
+                    message += f" in {took:.0f} s" + ("" if ready_at else " (as the operator saw it)")
                 self.plan.events.append(normal("GroupReady", message))
-        elif phase in ("Forming", "Loading") and prev_phase in (None, "Pending"):
-            entry.forming_since = self.stamp  # the rendezvous clock starts once all ranks are placed
+        elif phase in ("Forming", "Loading"):
+            # The rendezvous clock starts once all ranks are placed (pods without times: when we saw it).
+            entry.forming_since = (
+                placed
+                or (entry.forming_since if prev_phase in ("Forming", "Loading") else None)
+                or self.stamp
+            )
         if phase in ("Forming", "Loading") and entry.forming_since is not None:
             deadline = entry.forming_since + timedelta(seconds=_rendezvous_limit(self.spec, phase))
             self.plan.wake_in((deadline - self.now).total_seconds() + 1)
@@ -547,7 +637,7 @@ class _Pass:
 
     # -- 7. deployment status ----------------------------------------------------------------------------
 
-    def _status(self, groups: list[GroupStatus], waits: list[str]) -> LingDeploymentStatus:
+    def _status(self, groups: list[GroupStatus], waits: list[Wait]) -> LingDeploymentStatus:
         replicas = self.spec.replicas
         ours = _conditions(
             _Outcome(replicas, groups, self.desired_rev, waits, bool(self.old), self.plan.events)
@@ -573,8 +663,20 @@ class _Pass:
 # Conditions: Ready, Progressing, RendezvousReady, Degraded (the autoscaler owns the others).
 
 
-def _detail(waits: list[str]) -> str:
-    return "; ".join(waits[:3]) + ("; ..." if len(waits) > 3 else "")
+def _detail(waits: Sequence[Wait]) -> str:
+    return "; ".join(text for _, text in waits[:3]) + ("; ..." if len(waits) > 3 else "")
+
+
+# Which wait Progressing names when groups wait for different things: what blocks hardest first.
+_STUCK_ORDER = (
+    Reason.PODS_NOT_ADMITTED,
+    Reason.WAITING_FOR_VOLUME,
+    Reason.CONTAINER_CONFIG_ERROR,
+    Reason.IMAGE_PULL_FAILED,
+    Reason.NO_MATCHING_NODE,
+    Reason.WAITING_FOR_GPUS,
+    Reason.UNSCHEDULABLE,
+)
 
 
 @dataclass(frozen=True)
@@ -584,7 +686,7 @@ class _Outcome:
     replicas: int
     groups: list[GroupStatus]
     desired_rev: str
-    waits: list[str]  # one line per group that is not serving yet, and why
+    waits: list[Wait]  # one per group that is not serving yet: (reason when someone must act, the line)
     old_left: bool  # outdated groups remain
     events: list[Event]
 
@@ -613,11 +715,14 @@ def _progressing(o: _Outcome) -> Condition:
     reasons = {e.reason for e in o.events}
     groups, replicas = o.groups, o.replicas
     updated = sum(1 for e in groups if e.revision == o.desired_rev)
-    waiting_gpus = [w for w in o.waits if "waiting for" in w and ("GPUs" in w or "scheduled" in w)]
-    if o.old_left or Reason.ROLLING_UPDATE in reasons:
+    stuck = sorted((_STUCK_ORDER.index(r), r) for r, _ in o.waits if r in _STUCK_ORDER)
+    if stuck:
+        # Someone must act (free GPUs, create the PVC, fix the image, raise the quota): say that first,
+        # in the scheduler's, kubelet's or API server's words, even during a rollout.
+        reason = stuck[0][1]
+        prog = (reason, _detail([w for w in o.waits if w[0] == reason]))
+    elif o.old_left or Reason.ROLLING_UPDATE in reasons:
         prog = (Reason.ROLLING_UPDATE, f"{updated} of {replicas} groups at revision {o.desired_rev}")
-    elif waiting_gpus:
-        prog = (Reason.WAITING_FOR_GPUS, "; ".join(waiting_gpus[:3]))
     elif len(groups) < replicas or Reason.SCALING_UP in reasons:
         prog = (Reason.SCALING_UP, f"{len(groups)} of {replicas} groups exist")
     elif len(groups) > replicas or Reason.SCALING_DOWN in reasons:
@@ -673,4 +778,51 @@ def invalid_spec_status(
             "observed_generation": generation,
             "conditions": conditions.merge(status.conditions, [degraded], generation, now),
         }
+    )
+
+
+# Which refusal Degraded names when writes failed for different causes: what a person fixes first.
+_WRITE_FAILURE_ORDER = (
+    Reason.FORBIDDEN,
+    Reason.ADMISSION_DENIED,
+    Reason.INVALID_OBJECT,
+    Reason.QUOTA_EXCEEDED,
+    Reason.WRITE_CONFLICT,
+    Reason.API_SERVER_ERROR,
+    Reason.API_UNREACHABLE,
+)
+
+
+def with_write_failures(
+    status: LingDeploymentStatus,
+    stored: Sequence[Condition],
+    failures: Sequence[WriteFailure],
+    generation: int,
+    now: datetime,
+) -> LingDeploymentStatus:
+    """The pass's status with its refused writes in it: Degraded=True, reason the cause (QuotaExceeded,
+    AdmissionDenied, Forbidden, ...), message the API server's words. No failures: `status` as it is.
+    `stored` are the conditions as stored before the pass: the one to keep the transition time of."""
+    if not failures:
+        return status
+    ordered = sorted(
+        failures,
+        key=lambda f: (
+            _WRITE_FAILURE_ORDER.index(f.reason)
+            if f.reason in _WRITE_FAILURE_ORDER
+            else len(_WRITE_FAILURE_ORDER),
+            f.verb,
+            f.kind,
+            f.name,
+        ),
+    )
+    first = ordered[0]
+    message = "; ".join(f.describe() for f in ordered[:3])
+    if len(ordered) > 3:
+        message += f"; and {len(ordered) - 3} more refused writes"
+    degraded = conditions.condition(ConditionType.DEGRADED, "True", first.reason, message)
+    merged = conditions.find(conditions.merge(stored, [degraded], generation, now), ConditionType.DEGRADED)
+    assert merged is not None
+    return status.model_copy(
+        update={"conditions": conditions.merge(status.conditions, [merged], generation, now, keep=True)}
     )

@@ -63,3 +63,24 @@ class WorkQueue(Generic[K]):
         """Release a key without looking at it (a standby only watches)."""
         self._active.discard(key)
         self._again.discard(key)
+
+
+class Backoff(Generic[K]):
+    """Per-item exponential backoff (controller-runtime's ItemExponentialFailureRateLimiter): the n-th
+    failure in a row of one item waits base * 2^(n-1) seconds, at most `maximum`; a success forgets it."""
+
+    def __init__(self, base: float, maximum: float) -> None:
+        self.base, self.maximum = base, maximum
+        self._failures: dict[K, int] = {}
+
+    def failed(self, item: K) -> float:
+        """Count a failure of `item`; the delay before its next try."""
+        n = self._failures.get(item, 0) + 1
+        self._failures[item] = n
+        return min(self.base * 2 ** min(n - 1, 30), self.maximum)
+
+    def failures(self, item: K) -> int:
+        return self._failures.get(item, 0)
+
+    def forget(self, item: K) -> None:
+        self._failures.pop(item, None)

@@ -310,6 +310,18 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, Any]]]] = {
         ],
         [_alert("LingGroupRendezvousStuck", "30m", None)],
     ),
+    "group-pending": (
+        [
+            _series("ling_operator_groups_waiting", {**DEPLOYMENT, "reason": "WaitingForVolume"}, "1x40"),
+            _series("ling_operator_groups_waiting", {**DEPLOYMENT, "reason": "ImagePullFailed"}, "1x5 0x35"),
+        ],
+        [
+            _alert("LingGroupPending", "10m", None),  # not for 15m yet
+            _alert(
+                "LingGroupPending", "20m", {"severity": "warning", "reason": "WaitingForVolume", **DEPLOYMENT}
+            ),
+        ],
+    ),
     "restart-loop": (
         [_series("ling_operator_group_restarts_total", DEPLOYMENT, "0+0.2x60")],  # 6 restarts per 30 min
         [_alert("LingGroupRestartLoop", "40m", {"severity": "critical", **DEPLOYMENT})],
@@ -364,6 +376,16 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, Any]]]] = {
     "reconcile-errors": (
         [
             _series("ling_operator_reconcile_total", {"namespace": NAMESPACE, "result": "error"}, "0+1x60"),
+            _series("ling_operator_reconcile_total", {"namespace": NAMESPACE, "result": "ok"}, "0+2x60"),
+        ],
+        [_alert("LingReconcileErrors", "40m", {"severity": "warning", "namespace": NAMESPACE})],
+    ),
+    "writes-refused": (
+        # Passes whose writes the API refuses (a quota, a webhook) count like failed ones.
+        [
+            _series(
+                "ling_operator_reconcile_total", {"namespace": NAMESPACE, "result": "write_error"}, "0+1x60"
+            ),
             _series("ling_operator_reconcile_total", {"namespace": NAMESPACE, "result": "ok"}, "0+2x60"),
         ],
         [_alert("LingReconcileErrors", "40m", {"severity": "warning", "namespace": NAMESPACE})],

@@ -141,6 +141,7 @@ def test_monitoring_objects_when_enabled() -> None:
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
     assert set(alerts) == {
         "LingGroupRendezvousStuck",
+        "LingGroupPending",
         "LingGroupRestartLoop",
         "LingAutoscalerPinnedAtMax",
         "LingTimeToFirstTokenHigh",

@@ -8,6 +8,7 @@ every cluster test also proves that the one least-privilege role is enough.
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import signal
 import subprocess
@@ -24,7 +25,11 @@ if TYPE_CHECKING:
     from conftest import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "crds" / "serving.ling.dev_lingdeployments.yaml"
+# LING_OPERATOR_TREE=<checkout> runs the operator (and applies the CRD) of another checkout, e.g. a git
+# worktree of an older commit, under these same tests: to check that a test fails on the code it guards
+# against. The CRD is cluster-wide: use a cluster of your own for that (KWOK_WORKDIR, LING_APISERVER_PORT).
+OTHER_TREE = Path(os.environ["LING_OPERATOR_TREE"]) if os.environ.get("LING_OPERATOR_TREE") else None
+CRD = (OTHER_TREE or ROOT) / "crds" / "serving.ling.dev_lingdeployments.yaml"
 RBAC_RULES = ROOT / "charts" / "ling-operator" / "files" / "rbac-rules.yaml"
 CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces", "nodes"}
 
@@ -93,8 +98,11 @@ class OperatorFactory:
             identity,
             *extra,
         ]
+        env = dict(os.environ)
+        if OTHER_TREE is not None:
+            env["PYTHONPATH"] = str(OTHER_TREE / "operator")
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         op = OperatorProcess(identity, proc, log)
         self.started.append(op)
         return op

@@ -8,6 +8,7 @@ scheduler and kubelet would set.
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 from typing import Any
 
 from ling_operator import api, resources
@@ -40,29 +41,54 @@ def pending(pod: dict[str, Any], message: str | None = None) -> dict[str, Any]:
     return pod
 
 
-def scheduled(pod: dict[str, Any], node: str = "gpu-0") -> dict[str, Any]:
+def _stamp(at: datetime | None) -> dict[str, str]:
+    return {} if at is None else {"lastTransitionTime": at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def scheduled(pod: dict[str, Any], node: str = "gpu-0", at: datetime | None = None) -> dict[str, Any]:
+    """Bound to `node` (by the scheduler at `at`, when given)."""
     pod = copy.deepcopy(pod)
     pod["spec"]["nodeName"] = node
-    pod["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]}
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True", **_stamp(at)}],
+    }
     return pod
 
 
-def running(pod: dict[str, Any], node: str = "gpu-0", ready: bool = False) -> dict[str, Any]:
-    pod = scheduled(pod, node)
+def running(
+    pod: dict[str, Any],
+    node: str = "gpu-0",
+    ready: bool = False,
+    at: datetime | None = None,
+    ready_at: datetime | None = None,
+) -> dict[str, Any]:
+    """Running on `node` (placed at `at`, Ready since `ready_at`, when given)."""
+    pod = scheduled(pod, node, at)
     pod["status"] = {
         "phase": "Running",
         "podIP": "10.0.0.1",
         "conditions": [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Ready", "status": "True" if ready else "False"},
+            {"type": "PodScheduled", "status": "True", **_stamp(at)},
+            {"type": "Ready", "status": "True" if ready else "False", **_stamp(ready_at if ready else None)},
         ],
         "containerStatuses": [{"name": "engine", "state": {"running": {}}, "ready": ready}],
     }
     return pod
 
 
-def ready(pod: dict[str, Any], node: str = "gpu-0") -> dict[str, Any]:
-    return running(pod, node, ready=True)
+def ready(
+    pod: dict[str, Any], node: str = "gpu-0", at: datetime | None = None, ready_at: datetime | None = None
+) -> dict[str, Any]:
+    return running(pod, node, ready=True, at=at, ready_at=ready_at)
+
+
+def waiting(pod: dict[str, Any], reason: str, message: str = "", container: str = "engine") -> dict[str, Any]:
+    """Scheduled, with the kubelet unable to start `container` (ErrImagePull, CreateContainerConfigError)."""
+    pod = scheduled(pod)
+    state = {"reason": reason, **({"message": message} if message else {})}
+    pod["status"]["containerStatuses"] = [{"name": container, "state": {"waiting": state}, "ready": False}]
+    return pod
 
 
 def exited(pod: dict[str, Any], code: int, reason: str = "Error") -> dict[str, Any]:

@@ -22,6 +22,12 @@ ARCHITECTURE_METRICS = [
     "ling_operator_scale_decisions_total",
     "ling_operator_autoscaler_source_errors_total",
     "ling_operator_leader",
+    "ling_operator_api_requests_total",
+    "ling_operator_api_request_duration_seconds",
+    "ling_operator_write_failures_total",
+    "ling_operator_fenced_writes_total",
+    "ling_operator_watch_restarts_total",
+    "ling_operator_groups_waiting",
 ]
 
 
@@ -32,6 +38,11 @@ def test_metric_names_follow_the_architecture_contract() -> None:
     metrics.scale_decisions_total.labels("up", "queue").inc()
     metrics.autoscaler_source_errors_total.labels("ns", "d").inc()
     metrics.rendezvous_duration_seconds.labels("ns", "d").observe(3)
+    metrics.api_requests_total.labels("create", "pods", "403").inc()
+    metrics.api_request_duration_seconds.labels("create").observe(0.01)
+    metrics.write_failures_total.labels("QuotaExceeded").inc()
+    metrics.watch_restarts_total.labels("pods").inc()
+    metrics.set_waiting("ns", "d", {"WaitingForGPUs": 1})
     text = generate_latest(metrics.REGISTRY).decode()
     for name in ARCHITECTURE_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in text or f"# TYPE {name} " in text, name
@@ -51,7 +62,15 @@ def test_cli_flags() -> None:
     assert default.metrics_port == 8080
 
 
-@pytest.mark.parametrize("argv", [["--metrics-port", "70000"], ["--lease-duration", "1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--metrics-port", "70000"],
+        ["--lease-duration", "1"],
+        ["--renew-deadline", "15"],  # not shorter than the 15 s Lease
+        ["--max-retry-seconds", "0"],
+    ],
+)
 def test_cli_rejects_bad_values_naming_the_flag(argv: list[str]) -> None:
     with pytest.raises(SystemExit, match=argv[0]):
         cli.main(argv)
