@@ -32,6 +32,16 @@ WORKDIR = Path(os.environ.get("KWOK_WORKDIR", CACHE / "cluster"))
 STARTED_BY_FIXTURE = WORKDIR / "started-by-fixture"
 USERS = WORKDIR / "fixture-users"
 
+# Triton decides interpreted or compiled once per process, when a kernel module is first imported,
+# and collection imports tests/gpu before tests/kernels' conftest could ask for the interpreter. So
+# the decision is made here: without an NVIDIA device every kernel runs under the interpreter (the
+# CPU tests in tests/kernels), and the GPU tier (tests/gpu, `pytest -m gpu` on the GPU machine,
+# where tests/gpu/conftest.py asks for compiled kernels) is not collected at all.
+HAS_NVIDIA_GPU = Path("/dev/nvidiactl").exists()
+if not HAS_NVIDIA_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    collect_ignore = ["tests/gpu"]
+
 
 @dataclass(frozen=True)
 class Kube:
