@@ -102,17 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    def count(flag: str, minimum: int = 1) -> dict[str, Any]:
-        return {"type": _int_at_least(flag, minimum)}
+    """Every `serve` flag, grouped as `--help` shows them (SGLang's names where SGLang has the flag)."""
+    _model_flags(p.add_argument_group("model"))
+    _cache_flags(p.add_argument_group("batching and caches"))
+    _group_flags(p.add_argument_group("tensor-parallel group"))
+    _robustness_flags(p.add_argument_group("admission, failures, drain, access"))
 
+
+def _count(flag: str, minimum: int = 1) -> dict[str, Any]:
+    return {"type": _int_at_least(flag, minimum)}
+
+
+def _model_flags(p: argparse._ArgumentGroup) -> None:
+    """Flags for the model: where it comes from and how it runs."""
     p.add_argument("--model-path", help="HF checkpoint dir; omitted: the built-in tiny model")
     p.add_argument("--tokenizer-path", help="defaults to --model-path")
     p.add_argument("--served-model-name")
-    p.add_argument("--tp-size", "--tensor-parallel-size", **count("--tp-size"))
-    p.add_argument("--pp-size", **count("--pp-size"))
-    p.add_argument("--dp-size", **count("--dp-size"))
+    p.add_argument("--tp-size", "--tensor-parallel-size", **_count("--tp-size"))
+    p.add_argument("--pp-size", **_count("--pp-size"))
+    p.add_argument("--dp-size", **_count("--dp-size"))
     p.add_argument("--host")
-    p.add_argument("--port", **count("--port"))
+    p.add_argument("--port", **_count("--port"))
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument(
         "--quantization",
@@ -125,7 +135,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default="auto",  # resolved by validate: cuda when torch sees a GPU, else cpu
         help="auto (default): cuda when a GPU is visible, else cpu",
     )
-    p.add_argument("--context-length", **count("--context-length"))
+    p.add_argument("--context-length", **_count("--context-length"))
     p.add_argument("--json-model-override-args", type=_json_object)
     p.add_argument(
         "--trust-remote-code",
@@ -137,7 +147,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument(
         "--cuda-graph-max-bs",
-        **count("--cuda-graph-max-bs"),
+        **_count("--cuda-graph-max-bs"),
         help="largest decode batch captured in a CUDA graph (default: --max-running-requests)",
     )
     p.add_argument(
@@ -149,7 +159,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS)
     p.add_argument("--speculative-algorithm", choices=SPEC_ALGORITHMS)
     for dest, flag in _SPECULATIVE_NUMBERS.items():
-        p.add_argument(flag, dest=dest, **count(flag))
+        p.add_argument(flag, dest=dest, **_count(flag))
+
+
+def _cache_flags(p: argparse._ArgumentGroup) -> None:
+    """Flags for batching, the KV cache and the prefix cache."""
     p.add_argument(
         "--mem-fraction-static",
         type=float,
@@ -159,17 +173,17 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-running-requests",
-        **count("--max-running-requests"),
+        **_count("--max-running-requests"),
         help="running-set bound (default: 64 on cpu, 128 on cuda)",
     )
-    p.add_argument("--max-mamba-cache-size", **count("--max-mamba-cache-size"))
-    p.add_argument("--max-total-tokens", **count("--max-total-tokens"))
+    p.add_argument("--max-mamba-cache-size", **_count("--max-mamba-cache-size"))
+    p.add_argument("--max-total-tokens", **_count("--max-total-tokens"))
     p.add_argument(
         "--chunked-prefill-size",
-        **count("--chunked-prefill-size"),
+        **_count("--chunked-prefill-size"),
         help="prefill tokens per step (default: 256 on cpu, 8192 on cuda)",
     )
-    p.add_argument("--page-size", **count("--page-size"))
+    p.add_argument("--page-size", **_count("--page-size"))
     p.add_argument(
         "--mamba-scheduler-strategy",
         choices=MAMBA_SCHEDULER_STRATEGIES,
@@ -185,14 +199,14 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mamba-track-interval",
-        **count("--mamba-track-interval"),
+        **_count("--mamba-track-interval"),
         help=f"tokens between prefix-cache snapshots of the Lightning states (default {LIGHTNING_CHUNK}: "
         f"a multiple of {LIGHTNING_CHUNK} and of --page-size); a shared prefix is reused down to a "
         "multiple of it",
     )
     p.add_argument(
         "--max-mamba-snapshots",
-        **count("--max-mamba-snapshots"),
+        **_count("--max-mamba-snapshots"),
         help="Lightning-state snapshots the prefix cache may hold (default: as many as the state "
         "slots, at least 32; each is one sequence's state, 58.7 MB / TP size on Ling-2.6-flash); "
         "least recently used ones are evicted",
@@ -208,15 +222,23 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights drawn on the device, no checkpoint read (--model-path: a "
         "directory with config.json; left out: Ling-2.6-flash's dimensions)",
     )
+
+
+def _group_flags(p: argparse._ArgumentGroup) -> None:
+    """Flags for the tensor-parallel group across nodes."""
     p.add_argument("--dist-init-addr", help="HOST:PORT of node rank 0 (torch.distributed)")
-    p.add_argument("--nnodes", **count("--nnodes"))
-    p.add_argument("--node-rank", **count("--node-rank", 0))
+    p.add_argument("--nnodes", **_count("--nnodes"))
+    p.add_argument("--node-rank", **_count("--node-rank", 0))
     p.add_argument("--launcher", choices=("ray", "mp"), help="default: ray if nnodes > 1")
-    p.add_argument("--ray-port", **count("--ray-port"))
+    p.add_argument("--ray-port", **_count("--ray-port"))
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a head")
     p.add_argument("--ray-temp-dir")
     p.add_argument("--rendezvous-timeout", type=float)
-    p.add_argument("--max-queued-requests", **count("--max-queued-requests"))
+
+
+def _robustness_flags(p: argparse._ArgumentGroup) -> None:
+    """Flags for admission, failure, drain and access."""
+    p.add_argument("--max-queued-requests", **_count("--max-queued-requests"))
     p.add_argument(
         "--queue-timeout",
         type=_seconds("--queue-timeout"),
@@ -234,7 +256,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-request-body-bytes",
-        **count("--max-request-body-bytes"),
+        **_count("--max-request-body-bytes"),
         help="larger bodies get 413 (default: enough for the longest prompt the context allows)",
     )
     p.add_argument("--api-key", help=f"prefer --api-key-file or ${API_KEY_ENV}: a flag shows in ps")
