@@ -21,12 +21,8 @@ HTTP_PORT_NAME = "http"
 DIST_PORT_NAME = "dist"
 RAY_PORT_NAME = "ray"
 
-ENV_DEPLOYMENT = "LING_DEPLOYMENT"
-ENV_GROUP_INDEX = "LING_GROUP_INDEX"
 ENV_NODE_RANK = "LING_NODE_RANK"
-ENV_NNODES = "LING_NNODES"
 ENV_MASTER_ADDR = "LING_MASTER_ADDR"
-ENV_MASTER_PORT = "LING_MASTER_PORT"
 ENV_RAY_PORT = "LING_RAY_PORT"
 ENV_POD_IP = "LING_POD_IP"
 
@@ -69,15 +65,13 @@ def master_address(name: str, group: int, namespace: str) -> str:
     return f"{pod_name(name, group, 0)}.{ranks_service_name(name)}.{namespace}.svc"
 
 
-def rank_env(name: str, namespace: str, group: int, rank: int, nnodes: int) -> list[dict[str, Any]]:
-    """The LING_* env block of one rank; LING_POD_IP comes from the downward API."""
+def rank_env(name: str, namespace: str, group: int, rank: int) -> list[dict[str, Any]]:
+    """The LING_* env block of one rank: only what a command reads (the engines' Ray wrappers and
+    the native command's $(VAR) references); LING_POD_IP comes from the downward API. Deployment and
+    group are on the pod's labels."""
     values = {
-        ENV_DEPLOYMENT: name,
-        ENV_GROUP_INDEX: str(group),
         ENV_NODE_RANK: str(rank),
-        ENV_NNODES: str(nnodes),
         ENV_MASTER_ADDR: master_address(name, group, namespace),
-        ENV_MASTER_PORT: str(DIST_PORT),
         ENV_RAY_PORT: str(RAY_PORT),
     }
     env: list[dict[str, Any]] = [

@@ -289,7 +289,7 @@ def _engine_container(
     image: str,
     mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    ours = rendezvous.rank_env(owner.name, owner.namespace, group, rank, spec.pods_per_group)
+    ours = rendezvous.rank_env(owner.name, owner.namespace, group, rank)
     ours += rendezvous.engine_env(spec)
     our_names = {item["name"] for item in ours}
     # The contract's variables win over pass-through env of the same name.

@@ -19,8 +19,8 @@ def kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
     ]
 
 
-def env_values(name: str, namespace: str, group: int, rank: int, nnodes: int) -> dict[str, str]:
-    env = {e["name"]: e.get("value", "") for e in rendezvous.rank_env(name, namespace, group, rank, nnodes)}
+def env_values(name: str, namespace: str, group: int, rank: int) -> dict[str, str]:
+    env = {e["name"]: e.get("value", "") for e in rendezvous.rank_env(name, namespace, group, rank)}
     env[rendezvous.ENV_POD_IP] = "10.1.2.3"
     return env
 
@@ -36,22 +36,17 @@ def test_master_address_is_rank0_through_the_headless_service() -> None:
 
 
 def test_env_block_names_every_contract_variable() -> None:
-    env = rendezvous.rank_env("ling", "prod", 1, 1, 2)
+    env = rendezvous.rank_env("ling", "prod", 1, 1)
     by_name = {e["name"]: e for e in env}
     assert set(by_name) == {
-        "LING_DEPLOYMENT",
-        "LING_GROUP_INDEX",
         "LING_NODE_RANK",
-        "LING_NNODES",
         "LING_MASTER_ADDR",
-        "LING_MASTER_PORT",
         "LING_RAY_PORT",
         "LING_POD_IP",
     }
     assert by_name["LING_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert by_name["LING_MASTER_ADDR"]["value"] == "ling-1-0.ling-ranks.prod.svc"
-    assert (by_name["LING_NODE_RANK"]["value"], by_name["LING_NNODES"]["value"]) == ("1", "2")
-    assert by_name["LING_MASTER_PORT"]["value"] == "2345"
+    assert by_name["LING_NODE_RANK"]["value"] == "1"
     assert by_name["LING_RAY_PORT"]["value"] == "6379"
 
 
@@ -103,7 +98,7 @@ def test_native_args_parse_with_the_runtime_cli() -> None:
         engine={"extraArgs": ["--page-size", "32"]},
     )
     for rank in (0, 1):
-        argv = kubelet_expand(rendezvous.native_command(spec, rank), env_values("ling", "prod", 0, rank, 2))
+        argv = kubelet_expand(rendezvous.native_command(spec, rank), env_values("ling", "prod", 0, rank))
         parsed = runtime_cli.parse_serve_args(argv[2:])
         assert parsed.tp_size == 4
         assert parsed.nnodes == 2
