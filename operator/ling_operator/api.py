@@ -1199,7 +1199,7 @@ class GroupStatus(ApiModel):
     mtp_acceptance_rate: float | None = Field(
         default=None,
         description="MTP: fraction of draft tokens rank 0 accepted since it started (accepted / drafted, "
-        "from its /metrics, read with the autoscaler's engine scrape); absent while MTP is off or unread.",
+        "from its /metrics); absent while MTP is off or unread.",
     )
 
 

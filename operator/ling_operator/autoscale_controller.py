@@ -302,6 +302,28 @@ def mtp_acceptance(
     return {"groups": groups, "mtp_acceptance_rate": mean}
 
 
+def acceptance_source(spec: LingDeploymentSpec) -> EngineSource | None:
+    """A rank-0 scrape for MTP acceptance alone, when MTP is on and the autoscaler does not already
+    scrape the engines (autoscaling off, or a Prometheus source); None otherwise."""
+    if not spec.speculative.enabled:
+        return None
+    source = spec.autoscaling.source
+    if spec.autoscaling.enabled and source.type == "engine":
+        return None
+    return EngineSource(engine=spec.engine.type, timeout_seconds=source.engine.timeout_seconds)
+
+
+def acceptance_look(
+    spec: LingDeploymentSpec,
+    status: LingDeploymentStatus,
+    groups: Sequence[ObservedGroup],
+    source: MetricSource,
+) -> LingDeploymentStatus:
+    """`status` with the acceptance fields from one scrape of each group's rank 0 (nothing else
+    changes: the queue seen here drives nothing)."""
+    return status.model_copy(update=mtp_acceptance(spec, status, source.read(groups)))
+
+
 def _disabled(
     spec: LingDeploymentSpec, status: LingDeploymentStatus, generation: int, now: datetime
 ) -> AutoscaleResult:
@@ -312,8 +334,10 @@ def _disabled(
         "spec.autoscaling.enabled is false: spec.replicas is left to the user, HPA or KEDA",
     )
     merged = conditions.merge(status.conditions, [disabled], generation, now)
-    # No scrape without the autoscaler: no acceptance to show (and none left over from earlier).
-    update = {"conditions": merged, **mtp_acceptance(spec, status, None)}
+    # With MTP on the controller's acceptance look keeps the rates; with MTP off none is left over.
+    update: dict[str, Any] = {"conditions": merged}
+    if not spec.speculative.enabled:
+        update |= mtp_acceptance(spec, status, None)
     return AutoscaleResult(replicas=None, status=status.model_copy(update=update))
 
 

@@ -98,6 +98,7 @@ class Controller:
         # When the autoscaler last looked at each deployment. Looks that change nothing are not written
         # (steady state causes no writes), so status alone cannot say when the last one was.
         self.autoscaled_at: dict[Key, datetime] = {}
+        self.accepted_at: dict[Key, datetime] = {}  # the last MTP-acceptance look without the autoscaler
         self.tasks: list[asyncio.Task[None]] = []
         # Read at each scrape: drops to 0 the moment the renew deadline passes, even while a renewal hangs.
         metrics.leader.set_function(lambda: 1.0 if self.elector.is_leader else 0.0)
@@ -256,6 +257,7 @@ class Controller:
         )
         outcome = await self.writer.apply(owner, plan, pods)
         status, autoscale_delay, result = await self._autoscale(record, spec, plan.status, pods, now)
+        status = await self._acceptance(record, spec, status, pods, now)
         status = reconcile.with_write_failures(
             status, record.observed.conditions, outcome.failures, record.generation, now
         )
@@ -266,7 +268,15 @@ class Controller:
         if result is not None:
             scaled = await self._apply_autoscale(owner, spec, result)
         _record_metrics(key, plan)
-        delays = [d for d in (plan.requeue_after, autoscale_delay, outcome.retry_in) if d is not None]
+        # MTP acceptance without the autoscaler's scrape is looked at on its own cadence.
+        accept_delay = (
+            None
+            if autoscale_controller.acceptance_source(spec) is None
+            else float(spec.autoscaling.interval_seconds)
+        )
+        delays = [
+            d for d in (plan.requeue_after, autoscale_delay, outcome.retry_in, accept_delay) if d is not None
+        ]
         return (min(delays) if delays else None), ("ok" if scaled and not outcome.failures else "write_error")
 
     async def _patch_status(
@@ -312,6 +322,7 @@ class Controller:
 
     def _forget(self, key: Key) -> None:
         self.autoscaled_at.pop(key, None)
+        self.accepted_at.pop(key, None)
         self.announced.pop(key, None)
         self.writer.forget(key)
         self.pass_backoff.forget(key)
@@ -359,6 +370,26 @@ class Controller:
         if result.metrics is not None:
             self.autoscaled_at[key] = now
         return result.status, interval, result
+
+    async def _acceptance(
+        self,
+        record: DeploymentRecord,
+        spec: LingDeploymentSpec,
+        status: LingDeploymentStatus,
+        pods: list[ObservedPod],
+        now: datetime,
+    ) -> LingDeploymentStatus:
+        """MTP acceptance when the autoscaler's engine scrape does not read it: rank 0's /metrics at
+        most once per spec.autoscaling.intervalSeconds (on passes: events and the resync)."""
+        source = autoscale_controller.acceptance_source(spec)
+        if source is None:
+            return status
+        last = self.accepted_at.get(record.key)
+        if last is not None and (now - last).total_seconds() < spec.autoscaling.interval_seconds - 1:
+            return status
+        self.accepted_at[record.key] = now
+        groups = observed_groups(status, pods)
+        return await self.writer.call(autoscale_controller.acceptance_look, spec, status, groups, source)
 
     async def _apply_autoscale(
         self, owner: resources.Owner, spec: LingDeploymentSpec, result: autoscale_controller.AutoscaleResult

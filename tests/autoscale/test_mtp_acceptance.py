@@ -9,7 +9,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from ling_operator.autoscale_controller import mtp_acceptance
+from ling_operator.api import LingDeploymentStatus
+from ling_operator.autoscale_controller import acceptance_look, acceptance_source, mtp_acceptance
 from ling_operator.autoscale_sources import EngineSource, ObservedGroup, parse_mtp_acceptance
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -78,7 +79,7 @@ def test_no_value_before_the_first_draft_nor_for_a_group_not_serving(engines: An
     assert rates(doc)[0][1] is None
 
 
-def test_mtp_off_or_autoscaler_off_clears_the_rates(engines: Any) -> None:
+def test_mtp_off_clears_the_rates_and_a_disabled_autoscaler_keeps_them(engines: Any) -> None:
     source, metrics, groups = engines
     drafted(metrics[0], 10, 10)
     off = mtp_body(speculative={"enabled": False})
@@ -88,13 +89,12 @@ def test_mtp_off_or_autoscaler_off_clears_the_rates(engines: Any) -> None:
     disabled = mtp_body()
     disabled["spec"]["autoscaling"]["enabled"] = False
     disabled["status"]["groups"][0]["mtpAcceptanceRate"] = 0.5
-    assert rates(apply(disabled, tick(disabled, groups, source, T0))) == ([None, None], None)
+    # The controller's acceptance look owns them then (see the test below): the tick leaves them.
+    assert rates(apply(disabled, tick(disabled, groups, source, T0))) == ([0.5, None], None)
 
 
 def test_no_reading_leaves_groups_untouched_by_identity() -> None:
     doc = mtp_body()
-    from ling_operator.api import LingDeploymentStatus
-
     status = LingDeploymentStatus.model_validate(doc["status"])
     update = mtp_acceptance(spec_of(doc), status, None)
     assert update["groups"] == status.groups and update["mtp_acceptance_rate"] is None
@@ -118,3 +118,28 @@ def test_each_engines_names() -> None:
     assert parse_mtp_acceptance(sglang, "sglang") == 0.62
     assert parse_mtp_acceptance(exposition((Gauge, "sglang:num_queue_reqs", 1)), "sglang") is None
     assert parse_mtp_acceptance("not { metrics", "native") is None
+
+
+def test_acceptance_is_looked_at_without_the_autoscalers_engine_scrape(engines: Any) -> None:
+    _, metrics, groups = engines
+    drafted(metrics[0], 100, 90)
+    drafted(metrics[1], 100, 70)
+    off = mtp_body()
+    off["spec"]["autoscaling"]["enabled"] = False
+    # Autoscaling off (or a Prometheus source): the controller's own look scrapes rank 0.
+    assert acceptance_source(spec_of(mtp_body())) is None  # the autoscaler's scrape already reads it
+    source = acceptance_source(spec_of(off))
+    assert isinstance(source, EngineSource)
+    plain = mtp_body()
+    plain["spec"]["speculative"] = {"enabled": False}
+    plain["spec"]["autoscaling"]["enabled"] = False
+    assert acceptance_source(spec_of(plain)) is None  # MTP off: nothing to show
+    port = engines[0].port
+    looked = acceptance_look(
+        spec_of(off), LingDeploymentStatus.model_validate(off["status"]), groups, EngineSource(port=port)
+    )
+    off["status"] = looked.to_k8s()
+    assert rates(off) == ([0.9, 0.7], 0.8)
+    # The disabled autoscaler's look between two acceptance looks keeps the rates (no flapping writes).
+    off = apply(off, tick(off, groups, engines[0], T0))
+    assert rates(off) == ([0.9, 0.7], 0.8)
