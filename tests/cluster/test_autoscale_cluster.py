@@ -78,6 +78,20 @@ def get(kube: Any, namespace: str, name: str) -> dict[str, Any]:
     return json.loads(kube.kubectl("get", "lingd", name, "-n", namespace, "-o", "json").stdout)
 
 
+def wait_for_replicas(kube: Any, namespace: str, name: str, replicas: int, timeout: float) -> None:
+    """Wait for /scale to say `replicas`; on timeout the failure carries what the autoscaler last decided."""
+    try:
+        wait_for(
+            f"scale to {replicas}",
+            lambda: replicas_via_scale(kube, namespace, name) == replicas,
+            timeout=timeout,
+        )
+    except AssertionError as exc:
+        status = get(kube, namespace, name).get("status") or {}
+        seen = {k: status.get(k) for k in ("replicas", "queueDepth", "autoscaler", "conditions")}
+        raise AssertionError(f"{exc}; status: {json.dumps(seen)[:3000]}") from None
+
+
 def replicas_via_scale(kube: Any, namespace: str, name: str) -> int:
     raw = kube.kubectl(
         "get", "--raw", f"/apis/{api.API_VERSION}/namespaces/{namespace}/{api.PLURAL}/{name}/scale"
@@ -118,8 +132,9 @@ def operator(kube: Any, namespace: str, tmp_path: Path) -> Iterator[subprocess.P
             process.kill()
             process.wait()
         log.close()
-        if process.returncode not in (0, -15):
-            sys.stderr.write((tmp_path / "operator.log").read_text()[-4000:])
+        # Always: pytest shows a teardown's stderr only when the test failed, and then it is the evidence.
+        sys.stderr.write(f"operator exit {process.returncode}; log tail:\n")
+        sys.stderr.write((tmp_path / "operator.log").read_text(errors="replace")[-6000:])
 
 
 def test_prometheus_source_drives_replicas_through_the_operator(
@@ -170,7 +185,7 @@ def test_prometheus_source_drives_replicas_through_the_operator(
 
         # 30 waiting -> ceil(30/8) = 4 groups: 1 -> 3 (maxScaleUpStep) -> 4 (finishing the same climb).
         metrics.set(waiting=30, running=8)
-        wait_for("scale up to 4", lambda: replicas_via_scale(kube, namespace, name) == 4, timeout=90)
+        wait_for_replicas(kube, namespace, name, 4, timeout=90)
         doc = get(kube, namespace, name)
         history = doc["status"]["autoscaler"]["history"]
         assert [(h["from"], h["to"]) for h in history][:2] == [(1, 3), (3, 4)]
@@ -194,7 +209,7 @@ def test_prometheus_source_drives_replicas_through_the_operator(
 
         # Demand gone: one group per decision after the 3 s window, down to minReplicas.
         metrics.set(waiting=0, running=0)
-        wait_for("scale down to 1", lambda: replicas_via_scale(kube, namespace, name) == 1, timeout=120)
+        wait_for_replicas(kube, namespace, name, 1, timeout=120)
         history = get(kube, namespace, name)["status"]["autoscaler"]["history"]
         assert [(h["from"], h["to"]) for h in history][-3:] == [(4, 3), (3, 2), (2, 1)]
         wait_for(
