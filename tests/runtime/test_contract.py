@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ling_runtime.distributed.ray_launcher import missing_node_ranks
+from ling_runtime.distributed.ray_launcher import HUNG_AFTER_S, missing_node_ranks, rank_alive
 from ling_runtime.distributed.ray_node import node_resource, ray_start_argv
 
 
@@ -35,3 +35,12 @@ def test_missing_node_ranks_come_from_the_node_labels() -> None:
     assert missing_node_ranks(alive, 3) == [1]
     assert missing_node_ranks([*alive, {"ling_node_1": 1000.0}], 3) == []
     assert missing_node_ranks([], 2) == [0, 1]
+
+
+def test_a_late_ping_is_not_a_dead_rank_until_it_stays_late() -> None:
+    # One slow answer on a loaded node must not restart the group; a stopped rank still fails it, and an
+    # actor Ray reports dead fails it at once.
+    assert rank_alive(now=100.0, late_since=100.0, died=False)
+    assert rank_alive(now=100.0 + HUNG_AFTER_S - 0.5, late_since=100.0, died=False)
+    assert not rank_alive(now=100.0 + HUNG_AFTER_S, late_since=100.0, died=False)
+    assert not rank_alive(now=100.0, late_since=100.0, died=True)

@@ -34,6 +34,16 @@ from ling_runtime.settings import Settings
 log = logging.getLogger("ling_runtime.ray")
 PING_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 3.0
+# A ping that times out is late, not dead: on a loaded node (2 shared cores, a long prefill) one ping can
+# take seconds. A rank is declared hung only after its pings have failed for this long without a break;
+# an actor Ray reports dead (killed, crashed) is declared dead at once.
+HUNG_AFTER_S = 10.0
+
+
+def rank_alive(now: float, late_since: float | None, died: bool) -> bool:
+    """Whether a rank whose last ping failed still counts as alive (pure): not when Ray says its actor
+    died, nor when its pings have failed for HUNG_AFTER_S since `late_since`."""
+    return not died and late_since is not None and now - late_since < HUNG_AFTER_S
 
 
 class RendezvousTimeout(RuntimeError):
@@ -208,14 +218,28 @@ class _Liveness:
         return list(self._states)
 
     def _run(self) -> None:
+        late_since: dict[int, float] = {}
         while not self._stop.is_set():
             states = []
             for rank, w in enumerate(self.workers, start=1):
                 try:
                     steps = ray.get(w.ping.remote(), timeout=PING_TIMEOUT_S)
+                    late_since.pop(rank, None)
                     states.append(RankState(rank, True, steps=int(steps)))
-                except Exception:  # RayActorError, GetTimeoutError (a stopped actor), a failed loop
-                    states.append(RankState(rank, False))
+                except Exception as exc:
+                    now = time.monotonic()
+                    since = late_since.setdefault(rank, now)
+                    # No answer in time (a busy or stopped process) or Ray's "unreachable for now" is
+                    # late; an actor Ray reports dead, or a ping that raised (the step loop failed), is not.
+                    late = isinstance(
+                        exc, (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError)
+                    )
+                    if late:
+                        log.warning(
+                            "rank %d: no answer to pings for %.1f s", rank, now - since + PING_TIMEOUT_S
+                        )
+                    died = not late
+                    states.append(RankState(rank, rank_alive(now, since, died)))
             self._states = states
             self._alive = 1 + sum(s.alive for s in states)
             self._stop.wait(PING_INTERVAL_S)
