@@ -37,7 +37,7 @@ PING_TIMEOUT_S = 3.0
 # A ping that times out is late, not dead: on a loaded node (2 shared cores, a long prefill) one ping can
 # take seconds. A rank is declared hung only after its pings have failed for this long without a break;
 # an actor Ray reports dead (killed, crashed) is declared dead at once.
-HUNG_AFTER_S = 10.0
+HUNG_AFTER_S = 15.0
 
 
 def rank_alive(now: float, late_since: float | None, died: bool) -> bool:
