@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ling_operator import autoscale_controller, metrics, reconcile, resources
+from ling_operator import api, autoscale_controller, metrics, reconcile, resources
 from ling_operator.api import ConditionType, LingDeploymentSpec, LingDeploymentStatus
 from ling_operator.autoscale_sources import ObservedGroup
 from ling_operator.cache import Cache, DeploymentRecord, Key
@@ -28,6 +28,8 @@ from ling_operator.events import Event, warning
 from ling_operator.kube import IO_THREADS, Kube
 from ling_operator.leader import LeaseElector
 from ling_operator.pods import ObservedPod, resource_version
+from ling_operator.watch import Event as WatchEvent
+from ling_operator.watch import Listed, Watch
 from ling_operator.workqueue import Backoff, WorkQueue
 from ling_operator.writes import RETRY_MAX_SECONDS, Fenced, WriteFailure, Writer, classify
 
@@ -68,7 +70,9 @@ def observed_groups(status: LingDeploymentStatus, pods: list[ObservedPod]) -> li
 class Controller:
     def __init__(self, settings: Settings, api_client: client.ApiClient) -> None:
         self.settings = settings
+        self.api_client = api_client
         self.kube = Kube(api_client)
+        self.watches: list[Watch] = []
         self.cache = Cache()
         self.queue: WorkQueue[Key] = WorkQueue()
         # Blocking API calls and scrapes run here; everything else runs on kopf's event loop.
@@ -108,6 +112,32 @@ class Controller:
         return self.elector.is_leader and self.seeded_term == self.elector.term
 
     async def start(self) -> None:
+        # The watches get a connection pool of their own: a WATCH holds its connection for minutes.
+        watching = Kube(client.ApiClient(self.api_client.configuration))
+        namespaces: list[str | None] = list(self.settings.namespaces) or [None]
+        loop = asyncio.get_running_loop()
+        self.watches = [
+            Watch(
+                api.PLURAL,
+                watching.list_deployments,
+                watching.watch_deployments,
+                namespaces,
+                loop,
+                self._deployments_listed,
+                self._deployment_events,
+            ),
+            Watch(
+                "pods",
+                watching.list_pods,
+                watching.watch_pods,
+                namespaces,
+                loop,
+                self._pods_listed,
+                self._pod_events,
+            ),
+        ]
+        for watch in self.watches:
+            watch.start()
         self.tasks = [
             asyncio.create_task(self._work(), name=f"ling-worker-{i}") for i in range(self.settings.workers)
         ]
@@ -117,6 +147,8 @@ class Controller:
         ]
 
     async def stop(self) -> None:
+        for watch in self.watches:
+            watch.stop()
         for task in [*self.tasks, *([self._seeding] if self._seeding else [])]:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -159,8 +191,8 @@ class Controller:
             if not self.acting:
                 continue
             if rounds % RELIST_EVERY == 0:
-                # kopf re-lists when its watch reconnects (every server_timeout) but reports no DELETED
-                # for what vanished in between; a LIST as seldom catches such a ghost pod.
+                # kopf re-lists LingDeployments when its watch reconnects but reports no DELETED for
+                # what vanished in between; a LIST as seldom catches such a ghost.
                 await self._seed()
             else:
                 # Services have no watch (RBAC: list, create): one LIST per resync notices one that
@@ -170,6 +202,45 @@ class Controller:
                 except ApiException as exc:
                     log.warning("cannot list Services: %s", exc.reason)
             self._enqueue_all()
+
+    # -- the watches' hand-overs (on the event loop) ---------------------------------------------------------
+
+    def _deployments_listed(self, ns: str | None, listed: Listed) -> None:
+        items, rv = listed
+        self.cache.relist_deployments(items, rv, ns)
+        for key in self.cache.deployment_keys():
+            if ns is None or key[0] == ns:
+                self.queue.add(key)
+
+    def _deployment_events(self, events: list[WatchEvent]) -> None:
+        for kind, obj in events:
+            meta = obj.get("metadata") or {}
+            key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+            if kind == "DELETED":
+                self.cache.drop_deployment(key, meta.get("uid"))
+                metrics.forget_deployment(*key)
+            elif self.cache.put_deployment(obj):
+                self.queue.add(key)
+
+    def _pods_listed(self, ns: str | None, listed: Listed) -> None:
+        items, rv = listed
+        self.cache.relist_pods(items, rv, ns)
+        for key in self.cache.deployment_keys():
+            if ns is None or key[0] == ns:
+                self.queue.add(key)
+
+    def _pod_events(self, events: list[WatchEvent]) -> None:
+        for kind, obj in events:
+            meta = obj.get("metadata") or {}
+            deployment = (meta.get("labels") or {}).get(resources.LABEL_DEPLOYMENT)
+            if not deployment:
+                continue
+            key = (str(meta.get("namespace", "")), str(deployment))
+            if kind == "DELETED":
+                self.cache.drop_pod(key, str(meta.get("name", "")), meta.get("uid"))
+                self.queue.add(key)
+            elif self.cache.put_pod(obj):
+                self.queue.add(key)
 
     def _enqueue_all(self) -> None:
         for key in self.cache.deployment_keys():

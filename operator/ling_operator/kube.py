@@ -16,9 +16,10 @@ Every request is counted in `ling_operator_api_requests_total{verb,resource,code
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import urllib3
@@ -68,33 +69,57 @@ def read_body(resp: Any) -> bytes:
         resp.release_conn()
 
 
-def request(
-    verb: str, resource: str, call: Callable[..., Any], *args: Any, timeout: float, **kw: Any
-) -> bytes:
-    """One API request with a timeout, counted by verb, resource and code; the reply's body."""
+@contextlib.contextmanager
+def _counted(verb: str, resource: str) -> Iterator[list[str]]:
+    """Count one request by verb, resource and code (the caller sets `code[0]` from the reply) and turn
+    an answer that never came into `Unreachable`."""
     started = time.monotonic()
-    code = "unknown"
+    code = ["unknown"]
     try:
-        resp = call(*args, _preload_content=False, _request_timeout=max(timeout, 0.05), **kw)
-        code = str(resp.status)  # 2xx: the client raises for anything else
-        return read_body(resp)
+        yield code
     except Unreachable:
         raise
     except ApiException as exc:
         if not exc.status:  # the client's own wrapping of a TLS failure: no answer either
-            code = "connection"
-            raise Unreachable(code, str(exc.reason)) from exc
-        code = str(exc.status)
+            code[0] = "connection"
+            raise Unreachable(code[0], str(exc.reason)) from exc
+        code[0] = str(exc.status)
         raise
     except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
-        code = "timeout"
-        raise Unreachable(code, "the API server did not answer in time") from exc
+        code[0] = "timeout"
+        raise Unreachable(code[0], "the API server did not answer in time") from exc
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        code = "connection"
-        raise Unreachable(code, str(exc) or type(exc).__name__) from exc
+        code[0] = "connection"
+        raise Unreachable(code[0], str(exc) or type(exc).__name__) from exc
     finally:
-        metrics.api_requests_total.labels(verb, resource, code).inc()
+        metrics.api_requests_total.labels(verb, resource, code[0]).inc()
         metrics.api_request_duration_seconds.labels(verb).observe(time.monotonic() - started)
+
+
+def request(
+    verb: str, resource: str, call: Callable[..., Any], *args: Any, timeout: float, **kw: Any
+) -> bytes:
+    """One API request with a timeout, counted by verb, resource and code; the reply's body."""
+    with _counted(verb, resource) as code:
+        resp = call(*args, _preload_content=False, _request_timeout=max(timeout, 0.05), **kw)
+        code[0] = str(resp.status)  # 2xx: the client raises for anything else
+        return read_body(resp)
+
+
+def open_stream(
+    verb: str,
+    resource: str,
+    call: Callable[..., Any],
+    *args: Any,
+    timeout: tuple[float, float],
+    **kw: Any,
+) -> Any:
+    """A streamed request (a WATCH), counted like `request`: the open urllib3 reply, to be read and then
+    released by the caller. `timeout` is (connect, read): the read timeout bounds each silence."""
+    with _counted(verb, resource) as code:
+        resp = call(*args, _preload_content=False, _request_timeout=timeout, **kw)
+        code[0] = str(resp.status)
+        return resp
 
 
 def _json(body: bytes) -> dict[str, Any]:
@@ -108,6 +133,17 @@ def api_message(exc: ApiException) -> str:
     except (ValueError, AttributeError):
         message = None
     return str(message or exc.reason or f"HTTP {exc.status}")
+
+
+def _watch_args(rv: str | None, seconds: int, timeout: tuple[float, float], **kw: Any) -> dict[str, Any]:
+    return {
+        "watch": True,
+        "allow_watch_bookmarks": True,
+        "timeout_seconds": seconds,
+        "resource_version": rv,
+        "timeout": timeout,
+        **kw,
+    }
 
 
 class Kube:
@@ -143,6 +179,24 @@ class Kube:
                 timeout=READ_TIMEOUT,
             )
         )
+
+    # -- WATCHes (watch.py): the open stream, from `rv`, bookmarks on, ended by the server after `seconds`
+
+    def watch_deployments(
+        self, ns: str | None, rv: str | None, seconds: int, timeout: tuple[float, float]
+    ) -> Any:
+        kw = _watch_args(rv, seconds, timeout)
+        if ns is None:
+            call, args = self.custom.list_cluster_custom_object, (api.GROUP, api.VERSION, api.PLURAL)
+        else:
+            call, args = self.custom.list_namespaced_custom_object, (api.GROUP, api.VERSION, ns, api.PLURAL)
+        return open_stream("watch", api.PLURAL, call, *args, **kw)
+
+    def watch_pods(self, ns: str | None, rv: str | None, seconds: int, timeout: tuple[float, float]) -> Any:
+        kw = _watch_args(rv, seconds, timeout, label_selector=MANAGED)
+        if ns is None:
+            return open_stream("watch", "pods", self.core.list_pod_for_all_namespaces, **kw)
+        return open_stream("watch", "pods", self.core.list_namespaced_pod, ns, **kw)
 
     def list_services(self, ns: str | None) -> dict[str, Any]:
         if ns is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from ling_operator import handlers, metrics, reconcile
+from ling_operator import metrics, reconcile
 from ling_operator.api import LingDeploymentStatus
 from ling_operator.kube import Unreachable
 from ling_operator.pods import ObservedPod, scheduling_reason
@@ -274,15 +274,3 @@ def test_groups_waiting_keeps_only_the_reasons_of_the_last_pass() -> None:
     assert 'reason="WaitingForGPUs"' not in text
     metrics.forget_deployment("ns", "d")
     assert 'ling_operator_groups_waiting{deployment="d"' not in generate_latest(metrics.REGISTRY).decode()
-
-
-def test_watch_restarts_are_counted_from_the_second_watch_of_a_resource() -> None:
-    from kopf._cogs.clients import watching
-
-    assert handlers.count_watch_restarts() and handlers.count_watch_restarts()  # idempotent
-    resource = type("Resource", (), {"plural": "pods-under-test"})()
-    before = metrics.watch_restarts_total.labels("pods-under-test")._value.get()
-    for _ in range(3):
-        # An async generator that is never iterated makes no request.
-        watching.watch_objs(resource=resource, namespace="ns", settings=None, operator_pause_waiter=None)
-    assert metrics.watch_restarts_total.labels("pods-under-test")._value.get() == before + 2
