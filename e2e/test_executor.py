@@ -29,8 +29,12 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 # wildcard address, prints its env expansion and the pid of a child in its own session.
 SERVER = textwrap.dedent(
     """
-    import http.server, os, subprocess, sys, time
+    import http.server, os, signal, subprocess, sys, threading, time
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    def term(*_):  # says each SIGTERM, and lingers a second so that a second one would be seen
+        print("TERM", flush=True)
+        threading.Timer(1.0, os._exit, (0,)).start()
+    signal.signal(signal.SIGTERM, term)
     print("GREETING=" + os.environ["GREETING"], "CHILD=" + str(child.pid), flush=True)
     time.sleep(float(os.environ["DELAY"]))
     http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), http.server.SimpleHTTPRequestHandler).serve_forever()
@@ -141,6 +145,8 @@ def test_pod_runs_is_gated_by_readiness_resolves_and_dies_with_deletion(
     kube.kubectl("delete", "pod", "web", "-n", namespace, "--wait=true", "--timeout=60s")
     assert get_pod(kube, namespace, "web") is None
     wait_until("the pod's processes to be gone", lambda: not pid_alive(pid) and not pid_alive(child), 15, 0.3)
+    # As from a kubelet: one SIGTERM (a second means "stop now" to many servers, the runtime's included).
+    assert executor.container_log(namespace, "web", "main").count("TERM") == 1
     hosts = Path("/etc/hosts")
     wait_until("the DNS name to go", lambda: f"web.sub.{namespace}.svc" not in hosts.read_text(), 10, 0.5)
 

@@ -66,13 +66,22 @@ def marked_pids(marker_prefix: str) -> list[int]:
 
 def signal_all(pgid: int | None, marker_prefix: str, sig: int) -> int:
     """Send sig to the process group and every marked process; returns how many were signalled."""
+    return signal_once([] if pgid is None else [pgid], marker_prefix, sig)
+
+
+def signal_once(pgids: list[int], marker_prefix: str, sig: int) -> int:
+    """Send sig once to each process of the groups and to every marked process outside them (a
+    kubelet's SIGTERM arrives once: a second one means "stop now" to many servers, ours included);
+    returns how many signals were sent."""
     count = 0
-    if pgid is not None:
+    for pgid in pgids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
             count += 1
     for pid in marked_pids(marker_prefix):
         with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) in pgids:
+                continue  # the group's signal reached it
             os.kill(pid, sig)
             count += 1
     return count
@@ -86,9 +95,11 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def terminate(pgid: int | None, marker_prefix: str, grace_s: float) -> None:
-    """SIGTERM, wait up to grace_s for everything to go, then SIGKILL what is left (bounded)."""
-    signal_all(pgid, marker_prefix, signal.SIGTERM)
+def terminate(pgid: int | None, marker_prefix: str, grace_s: float, term: bool = True) -> None:
+    """SIGTERM (unless the caller sent it: `term=False`), wait up to grace_s for everything to go, then
+    SIGKILL what is left (bounded)."""
+    if term:
+        signal_all(pgid, marker_prefix, signal.SIGTERM)
     deadline = time.monotonic() + max(0.0, grace_s)
     while time.monotonic() < deadline:
         if not (pgid is not None and _group_alive(pgid)) and not marked_pids(marker_prefix):

@@ -259,9 +259,8 @@ class PodWorker(threading.Thread):
             if not self.gone.is_set():
                 self._report()
         pgids = [c.proc.pid for c in self.mains if c.proc is not None and c.proc.poll() is None]
-        for pgid in pgids:
-            procs.signal_all(pgid, self.marker, signal.SIGTERM)
-        procs.terminate(None, self.marker, grace)
+        procs.signal_once(pgids, self.marker, signal.SIGTERM)
+        procs.terminate(None, self.marker, grace, term=False)
         for pgid in pgids:
             procs.terminate(pgid, self.marker, 0)
         for c in self.mains:
