@@ -410,16 +410,18 @@ def test_engine_source_drives_replicas_through_the_operator(
             3,
             "11 waiting > 1 × 4 per group",
         )
-        # The new groups are scraped too once they are ready: their queue counts.
-        group_metrics[0].set(waiting=0, running=0)
+        # The new groups are scraped too once they are ready: their queue counts (11 + 3). Group 0 keeps
+        # its queue meanwhile: with it gone before group 2 is ready and re-addressed, the operator would
+        # rightly see no demand and scale down after the 3 s window, taking group 2 with it.
         group_metrics[2].set(waiting=3, running=1)
 
         def sees_group_2() -> bool:
             pin_rank0_ips()
             auto = (get(kube, namespace, name).get("status") or {}).get("autoscaler") or {}
-            return auto.get("observedQueueDepth") == 3
+            return auto.get("observedQueueDepth") == 14
 
         wait_for("the queue of group 2 to be observed", sees_group_2, timeout=90)
+        group_metrics[0].set(waiting=0, running=0)
         group_metrics[2].set(waiting=0, running=0)
         wait_for("scale down to 1", scaled_to(1), timeout=120)
         history = get(kube, namespace, name)["status"]["autoscaler"]["history"]
