@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -25,13 +27,14 @@ from ling_operator.api import ConditionType, LingDeploymentSpec, LingDeploymentS
 from ling_operator.autoscale_sources import ObservedGroup
 from ling_operator.cache import Cache, DeploymentRecord, Key
 from ling_operator.events import Event, warning
+from ling_operator.failures import WriteFailure
 from ling_operator.kube import IO_THREADS, Kube
 from ling_operator.leader import LeaseElector
 from ling_operator.pods import ObservedPod, resource_version
 from ling_operator.watch import Event as WatchEvent
-from ling_operator.watch import Listed, Watch
+from ling_operator.watch import Listed, OnList, Watch
 from ling_operator.workqueue import Backoff, WorkQueue
-from ling_operator.writes import RETRY_MAX_SECONDS, Fenced, WriteFailure, Writer, classify
+from ling_operator.writes import RETRY_MAX_SECONDS, Fenced, Writer, classify
 
 log = logging.getLogger("ling_operator")
 
@@ -123,7 +126,7 @@ class Controller:
                 watching.watch_deployments,
                 namespaces,
                 loop,
-                self._deployments_listed,
+                self._relisted(self.cache.relist_deployments),
                 self._deployment_events,
             ),
             Watch(
@@ -132,7 +135,7 @@ class Controller:
                 watching.watch_pods,
                 namespaces,
                 loop,
-                self._pods_listed,
+                self._relisted(self.cache.relist_pods),
                 self._pod_events,
             ),
         ]
@@ -191,8 +194,8 @@ class Controller:
             if not self.acting:
                 continue
             if rounds % RELIST_EVERY == 0:
-                # kopf re-lists LingDeployments when its watch reconnects but reports no DELETED for
-                # what vanished in between; a LIST as seldom catches such a ghost.
+                # A backstop: the watches resume from their last version and list again after a 410, so
+                # they should miss nothing; two LISTs every few minutes bound how long a cache error lasts.
                 await self._seed()
             else:
                 # Services have no watch (RBAC: list, create): one LIST per resync notices one that
@@ -205,13 +208,6 @@ class Controller:
 
     # -- the watches' hand-overs (on the event loop) ---------------------------------------------------------
 
-    def _deployments_listed(self, ns: str | None, listed: Listed) -> None:
-        items, rv = listed
-        self.cache.relist_deployments(items, rv, ns)
-        for key in self.cache.deployment_keys():
-            if ns is None or key[0] == ns:
-                self.queue.add(key)
-
     def _deployment_events(self, events: list[WatchEvent]) -> None:
         for kind, obj in events:
             meta = obj.get("metadata") or {}
@@ -220,13 +216,6 @@ class Controller:
                 self.cache.drop_deployment(key, meta.get("uid"))
                 metrics.forget_deployment(*key)
             elif self.cache.put_deployment(obj):
-                self.queue.add(key)
-
-    def _pods_listed(self, ns: str | None, listed: Listed) -> None:
-        items, rv = listed
-        self.cache.relist_pods(items, rv, ns)
-        for key in self.cache.deployment_keys():
-            if ns is None or key[0] == ns:
                 self.queue.add(key)
 
     def _pod_events(self, events: list[WatchEvent]) -> None:
@@ -242,9 +231,23 @@ class Controller:
             elif self.cache.put_pod(obj):
                 self.queue.add(key)
 
-    def _enqueue_all(self) -> None:
+    def _relisted(
+        self, relist: Callable[[Iterable[Mapping[str, Any]], int | None, str | None], None]
+    ) -> OnList:
+        """A watch's LIST goes into the cache through `relist` (which also drops what the LIST no longer
+        has); every deployment of that namespace is looked at again."""
+
+        def on_list(ns: str | None, listed: Listed) -> None:
+            items, rv = listed
+            relist(items, rv, ns)
+            self._enqueue_all(ns)
+
+        return on_list
+
+    def _enqueue_all(self, ns: str | None = None) -> None:
         for key in self.cache.deployment_keys():
-            self.queue.add(key)
+            if ns is None or key[0] == ns:
+                self.queue.add(key)
 
     async def _seed(self) -> bool:
         """Fill the caches with one LIST of each kind, on top of what the watches already brought."""

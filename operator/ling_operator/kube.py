@@ -152,66 +152,51 @@ class Kube:
         self.custom = client.CustomObjectsApi(api_client_)
         self.coordination = client.CoordinationV1Api(api_client_)
 
-    # -- LISTs (the leader's seeding and resyncs) ---------------------------------------------------------
+    # The call that LISTs (or, with watch=True, WATCHes) a kind in `ns` (None: every namespace), and its
+    # positional arguments; the operator's pods and Services carry the managed-by label.
+
+    def _deployments(self, ns: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        if ns is None:
+            return self.custom.list_cluster_custom_object, (api.GROUP, api.VERSION, api.PLURAL)
+        return self.custom.list_namespaced_custom_object, (api.GROUP, api.VERSION, ns, api.PLURAL)
+
+    def _pods(self, ns: str | None) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (
+            (self.core.list_pod_for_all_namespaces, ())
+            if ns is None
+            else (self.core.list_namespaced_pod, (ns,))
+        )
+
+    # -- LISTs (the leader's seeding and resyncs, and each watch's start) ---------------------------------
 
     def list_deployments(self, ns: str | None) -> dict[str, Any]:
-        if ns is None:
-            call, args = self.custom.list_cluster_custom_object, (api.GROUP, api.VERSION, api.PLURAL)
-        else:
-            call, args = self.custom.list_namespaced_custom_object, (api.GROUP, api.VERSION, ns, api.PLURAL)
+        call, args = self._deployments(ns)
         return _json(request("list", api.PLURAL, call, *args, timeout=READ_TIMEOUT))
 
     def list_pods(self, ns: str | None) -> dict[str, Any]:
-        if ns is None:
-            return _json(
-                request(
-                    "list", "pods", self.core.list_pod_for_all_namespaces, label_selector=MANAGED,
-                    timeout=READ_TIMEOUT,
-                )
-            )  # fmt: skip
-        return _json(
-            request(
-                "list",
-                "pods",
-                self.core.list_namespaced_pod,
-                ns,
-                label_selector=MANAGED,
-                timeout=READ_TIMEOUT,
-            )
+        call, args = self._pods(ns)
+        return _json(request("list", "pods", call, *args, label_selector=MANAGED, timeout=READ_TIMEOUT))
+
+    def list_services(self, ns: str | None) -> dict[str, Any]:
+        call, args = (
+            (self.core.list_service_for_all_namespaces, ())
+            if ns is None
+            else (self.core.list_namespaced_service, (ns,))
         )
+        return _json(request("list", "services", call, *args, label_selector=MANAGED, timeout=READ_TIMEOUT))
 
     # -- WATCHes (watch.py): the open stream, from `rv`, bookmarks on, ended by the server after `seconds`
 
     def watch_deployments(
         self, ns: str | None, rv: str | None, seconds: int, timeout: tuple[float, float]
     ) -> Any:
-        kw = _watch_args(rv, seconds, timeout)
-        if ns is None:
-            call, args = self.custom.list_cluster_custom_object, (api.GROUP, api.VERSION, api.PLURAL)
-        else:
-            call, args = self.custom.list_namespaced_custom_object, (api.GROUP, api.VERSION, ns, api.PLURAL)
-        return open_stream("watch", api.PLURAL, call, *args, **kw)
+        call, args = self._deployments(ns)
+        return open_stream("watch", api.PLURAL, call, *args, **_watch_args(rv, seconds, timeout))
 
     def watch_pods(self, ns: str | None, rv: str | None, seconds: int, timeout: tuple[float, float]) -> Any:
+        call, args = self._pods(ns)
         kw = _watch_args(rv, seconds, timeout, label_selector=MANAGED)
-        if ns is None:
-            return open_stream("watch", "pods", self.core.list_pod_for_all_namespaces, **kw)
-        return open_stream("watch", "pods", self.core.list_namespaced_pod, ns, **kw)
-
-    def list_services(self, ns: str | None) -> dict[str, Any]:
-        if ns is None:
-            return _json(
-                request(
-                    "list", "services", self.core.list_service_for_all_namespaces, label_selector=MANAGED,
-                    timeout=READ_TIMEOUT,
-                )
-            )  # fmt: skip
-        return _json(
-            request(
-                "list", "services", self.core.list_namespaced_service, ns, label_selector=MANAGED,
-                timeout=READ_TIMEOUT,
-            )
-        )  # fmt: skip
+        return open_stream("watch", "pods", call, *args, **kw)
 
     # -- writes (the writer passes the timeout: at most the time left on the Lease) --------------------------
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ling_operator import conditions, rendezvous, resources
 from ling_operator.api import (
@@ -30,11 +30,9 @@ from ling_operator.api import (
     Reason,
 )
 from ling_operator.events import Event, normal, warning
+from ling_operator.failures import WriteFailure
 from ling_operator.pods import ObservedPod
 from ling_operator.timeutil import whole_seconds
-
-if TYPE_CHECKING:
-    from ling_operator.writes import WriteFailure
 
 # How often to look again while pods we deleted are still terminating (pod events also wake us).
 TERMINATING_REQUEUE_SECONDS = 2.0

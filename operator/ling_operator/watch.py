@@ -32,6 +32,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from ling_operator import metrics
+from ling_operator.pods import resource_version
 
 log = logging.getLogger("ling_operator.watch")
 
@@ -44,6 +45,7 @@ BACKOFF_MAX = 30.0
 
 Event = tuple[str, dict[str, Any]]  # (ADDED | MODIFIED | DELETED, the object)
 Listed = tuple[list[dict[str, Any]], int | None]  # a LIST's items and its resourceVersion
+OnList = Callable[[str | None, Listed], None]
 
 
 class Gone(Exception):
@@ -77,13 +79,6 @@ def parse(line: bytes) -> tuple[str, dict[str, Any], str | None]:
     return str(kind), obj, (obj.get("metadata") or {}).get("resourceVersion")
 
 
-def _int(rv: str | None) -> int | None:
-    try:
-        return int(rv) if rv is not None else None
-    except ValueError:
-        return None
-
-
 ListCall = Callable[[str | None], dict[str, Any]]  # namespace (None: all) -> the LIST's reply
 OpenCall = Callable[[str | None, str | None, int, tuple[float, float]], Any]  # (ns, rv, seconds, timeout)
 
@@ -99,7 +94,7 @@ class Watch:
         open_: OpenCall,
         namespaces: list[str | None],
         loop: asyncio.AbstractEventLoop,
-        on_list: Callable[[str | None, Listed], None],
+        on_list: OnList,
         on_events: Callable[[list[Event]], None],
     ) -> None:
         self.resource = resource
@@ -148,7 +143,7 @@ class Watch:
                 if rv is None:
                     listed = self.list_(ns)
                     rv = (listed.get("metadata") or {}).get("resourceVersion")
-                    self._hand(self.on_list, ns, (listed.get("items") or [], _int(rv)))
+                    self._hand(self.on_list, ns, (listed.get("items") or [], resource_version(listed)))
                 rv = self._watch(ns, rv)
                 delay = 0.0
             except Gone as exc:

@@ -37,6 +37,7 @@ from ling_operator import metrics, resources
 from ling_operator.api import LingDeploymentStatus, Reason
 from ling_operator.cache import Cache, Key
 from ling_operator.events import Event, event_body
+from ling_operator.failures import WriteFailure
 from ling_operator.kube import READ_TIMEOUT, Kube, Unreachable, api_message
 from ling_operator.pods import ObservedPod
 from ling_operator.reconcile import Plan
@@ -70,28 +71,6 @@ class AlwaysLeader:
 
     def expires_in(self) -> float:
         return READ_TIMEOUT
-
-
-@dataclass(frozen=True)
-class WriteFailure:
-    """A write the API refused or never answered, as status and events report it."""
-
-    verb: str  # create, delete, patch
-    kind: str  # pod, Service
-    name: str
-    reason: str  # api.Reason: QuotaExceeded, AdmissionDenied, Forbidden, ...
-    code: str  # the HTTP code, or timeout / connection
-    message: str  # the API server's words
-    group: int | None = None
-    retry_at: float = 0.0  # monotonic time of the next try
-
-    @property
-    def cause(self) -> tuple[str, str, str]:
-        """What one Warning event is posted for: the same cause on other objects or retries is not news."""
-        return (self.reason, self.verb, self.kind)
-
-    def describe(self) -> str:
-        return f"cannot {self.verb} {self.kind} {self.name}: {self.message}"
 
 
 def classify(exc: ApiException) -> tuple[str, str, str]:

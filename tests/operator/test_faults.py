@@ -13,10 +13,11 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from ling_operator import metrics, reconcile
 from ling_operator.api import LingDeploymentStatus
+from ling_operator.failures import WriteFailure
 from ling_operator.kube import Unreachable
 from ling_operator.pods import ObservedPod, scheduling_reason
 from ling_operator.workqueue import Backoff
-from ling_operator.writes import WriteFailure, classify
+from ling_operator.writes import classify
 from podstate import OWNER, base_spec, group_pods, observed, pending, ready, running, scheduled, waiting
 from prometheus_client import generate_latest
 from test_reconcile import SERVICES, T0, World, cond, group, run, steady, stored
